@@ -1,0 +1,55 @@
+"""Vocabulary shared by every module: treatment arms, image keys and the conditioning channel layout.
+
+The channel layout here is the single source of truth; ``bundle/configs/metadata.json`` documents the same
+order and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+ARMS: tuple[str, ...] = (
+    "placebo",
+    "laquinimod",
+    "interferon_beta_1a",
+    "glatiramer_acetate",
+    "dimethyl_fumarate",
+    "ocrelizumab",
+)
+"""Treatment arms, in the order of their embedding index."""
+
+NULL_TREATMENT: int = len(ARMS)
+"""Embedding index of the "no treatment given" token (classifier-free guidance and unknown arm)."""
+
+MRI_MODALITIES: tuple[str, ...] = ("flair", "t1", "t2", "pd", "t1gd")
+MASK_MODALITIES: tuple[str, ...] = ("t2les", "gadles")
+VISITS: tuple[int, ...] = (0, 1)
+
+IMAGE_KEYS: tuple[str, ...] = tuple(
+    f"{modality}_{visit}" for visit in VISITS for modality in MRI_MODALITIES + MASK_MODALITIES
+) + ("net2_1",)
+"""Datalist image keys in conditioning-channel order: visit 0 MRI and masks, visit 1 MRI and masks, earlier NET2."""
+
+MASK_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.split("_")[0] in MASK_MODALITIES) + ("net2_1",)
+MRI_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k not in MASK_KEYS)
+
+CONDITION_CHANNELS: tuple[str, ...] = IMAGE_KEYS + tuple(f"available_{k}" for k in IMAGE_KEYS)
+"""Conditioning channels: one per image key, then one constant availability indicator per image key."""
+
+REFERENCE_KEY_PRIORITY: tuple[str, ...] = ("flair_1",) + tuple(f"{m}_1" for m in MRI_MODALITIES if m != "flair")
+"""The reference grid of a case is that of the first present key in this order (contract)."""
+
+DEFAULT_HORIZON_WEEKS: float = 24.0
+LABEL_KEY: str = "label"
+
+
+def arm_index(name: str | None) -> int:
+    """Map a treatment name to its embedding index; ``None`` or ``""`` maps to :data:`NULL_TREATMENT`.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid arms.
+    """
+    if name is None or name == "":
+        return NULL_TREATMENT
+    try:
+        return ARMS.index(str(name))
+    except ValueError:
+        raise ValueError(f"unknown treatment {name!r}; valid arms are: {', '.join(ARMS)}") from None
