@@ -1,0 +1,159 @@
+"""Training plumbing for MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``: batch preparation, the weighted
+diffusion loss, gradient clipping and resuming.
+
+A training iteration of the diffusion model, following the names used in ``bundle/configs/train.json``:
+
+1. ``DiffusionPrepareBatch`` turns a preprocessed batch (``cond``, ``label``, ``treatment``, ``horizon``) into the
+   noisy NET2 signal ``x_t`` at random timesteps, the regression target with its min-SNR weight, and the network's
+   keyword arguments (``timesteps``, ``cond``, ``treatment`` with classifier-free dropout to the null token,
+   ``horizon``);
+2. the trainer's ``SimpleInferer`` calls ``network(x_t, timesteps=..., cond=..., treatment=..., horizon=...)``;
+3. ``WeightedMSELoss`` compares the prediction with the target, weighting each sample;
+4. ``GradientClipHandler`` clips gradients between backward and the optimizer step; ignite's ``EMAHandler`` then
+   updates the EMA weights that validation and inference use.
+
+``ConditionPrepareBatch`` serves the deterministic baseline and validation: it passes ``cond`` as the input and
+``treatment`` / ``horizon`` as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.handlers import CheckpointLoader
+
+from scripts.constants import NULL_TREATMENT
+from scripts.scheduler import ForecastScheduler, mask_to_signal
+
+logger = logging.getLogger(__name__)
+
+
+class WeightedTarget(NamedTuple):
+    """Regression target and its per-sample loss weight."""
+
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def _to(value: torch.Tensor, device: str | torch.device | None, non_blocking: bool) -> torch.Tensor:
+    return torch.as_tensor(value).to(device, non_blocking=non_blocking)
+
+
+def _conditions(
+    batchdata: Mapping[str, Any], device: str | torch.device | None, non_blocking: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cond = _to(batchdata["cond"], device, non_blocking).float()
+    treatment = _to(batchdata["treatment"], device, non_blocking).long().reshape(-1)
+    horizon = _to(batchdata["horizon"], device, non_blocking).float().reshape(-1)
+    return cond, treatment, horizon
+
+
+class ConditionPrepareBatch(PrepareBatch):
+    """``(cond, label, (), {"treatment", "horizon"})``: input for the deterministic net and for sampling."""
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
+        cond, treatment, horizon = _conditions(batchdata, device, non_blocking)
+        label = batchdata.get("label")
+        label = _to(label, device, non_blocking).float() if label is not None else None
+        return cond, label, (), {"treatment": treatment, "horizon": horizon}
+
+
+class DiffusionPrepareBatch(PrepareBatch):
+    """Noise the NET2 mask at random timesteps and build the target, weight and network arguments.
+
+    Args:
+        scheduler: the training noise scheduler.
+        treatment_dropout: probability of replacing the treatment by the null token (classifier-free guidance).
+    """
+
+    def __init__(self, scheduler: ForecastScheduler, treatment_dropout: float = 0.1) -> None:
+        self.scheduler = scheduler
+        self.treatment_dropout = float(treatment_dropout)
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, WeightedTarget, tuple, dict]:
+        cond, treatment, horizon = _conditions(batchdata, device, non_blocking)
+        x0 = mask_to_signal(_to(batchdata["label"], device, non_blocking).float())
+        n = x0.shape[0]
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=x0.device)
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        target = self.scheduler.training_target(x0, noise, timesteps)
+        weight = self.scheduler.loss_weights(timesteps).to(x0.dtype)
+        if self.treatment_dropout > 0:
+            dropped = torch.rand(n, device=x0.device) < self.treatment_dropout
+            treatment = torch.where(dropped, torch.full_like(treatment, NULL_TREATMENT), treatment)
+        kwargs_out = {"timesteps": timesteps, "cond": cond, "treatment": treatment, "horizon": horizon}
+        return x_t, WeightedTarget(target, weight), (), kwargs_out
+
+
+class WeightedMSELoss(torch.nn.Module):
+    """Mean over samples of weight * mean squared error over voxels; ``target`` is a :class:`WeightedTarget`."""
+
+    def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
+        per_sample = (pred.float() - target.target.float()).pow(2).flatten(1).mean(1)
+        return (target.weight.float() * per_sample).mean()
+
+
+class GradientClipHandler:
+    """Clip the gradient norm after backward and before the optimizer step (unscaling first under AMP)."""
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+        engine.state.grad_norm = float(norm)
+
+
+def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
+    """Path of the checkpoint with the highest epoch in ``ckpt_dir`` (``{prefix}_epoch=N.pt``), or None."""
+    best, best_epoch = None, -1
+    for path in glob.glob(os.path.join(ckpt_dir, f"{prefix}_epoch=*.pt")):
+        match = re.search(r"_epoch=(\d+)\.pt$", path)
+        if match and int(match.group(1)) > best_epoch:
+            best, best_epoch = path, int(match.group(1))
+    return best
+
+
+class ResumeFromCheckpoint:
+    """Resume a run from the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir``, if there is one.
+
+    It loads every object of ``load_dict`` (network, EMA, optimizer, learning-rate schedule, trainer state) through
+    MONAI's ``CheckpointLoader``; the trainer then continues at epoch N + 1 with the same data order and schedules.
+    """
+
+    def __init__(self, ckpt_dir: str, load_dict: dict, map_location: Any = None, enabled: bool = True) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.load_dict = load_dict
+        self.map_location = map_location
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir) if self.enabled else None
+        if path is None:
+            logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)
+            return
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        engine.add_event_handler(
+            Events.STARTED, lambda e: logger.info("resumed at epoch %d, iteration %d", e.state.epoch, e.state.iteration)
+        )

@@ -1,0 +1,114 @@
+"""Inferers: MONAI ``Inferer`` s that turn a batch of conditioning volumes into NET2 forecast samples.
+
+``ForecastInferer`` runs the whole reverse process for every case, every requested arm and K samples at once: rows
+are laid out as (case, arm, sample), all arms of a case start from the same noise, so their forecasts differ through
+the treatment alone (counterfactuals). ``ThresholdInferer`` wraps the deterministic baseline so that it yields one
+"sample" per case and the same metrics apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+from scripts.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm_index
+from scripts.sampler import ForecastSampler
+from scripts.scheduler import ForecastScheduler
+
+
+class ForecastInferer(Inferer):
+    """Sample K binary NET2 forecasts per case and arm.
+
+    Args:
+        scheduler: the scheduler the network was trained with.
+        num_samples: K, samples per case and arm.
+        num_inference_steps: denoising steps per sample.
+        guidance_scale: classifier-free guidance weight (1 = off).
+        chunk_size: at most this many rows per network call.
+        arms: arm names to forecast every case under; None forecasts the ``treatment`` passed at call time.
+        seed: seed of the starting noise (None: torch's global generator).
+        progress: progress bar over denoising steps.
+
+    Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None)`` with ``inputs`` the (B, C, *spatial)
+    conditioning volumes. Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
+    (B, A, K, *spatial) when arms are set (A = number of arms, in the given order).
+    """
+
+    def __init__(
+        self,
+        scheduler: ForecastScheduler,
+        num_samples: int = 8,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 1.0,
+        chunk_size: int | None = None,
+        arms: Sequence[str] | None = None,
+        seed: int | None = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress)
+        self.num_samples = int(num_samples)
+        self.arms = list(arms) if arms is not None else None
+        self.seed = seed
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        treatment: torch.Tensor | None = None,
+        horizon: torch.Tensor | None = None,
+        arms: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        cond = inputs.float()
+        b, k = cond.shape[0], self.num_samples
+        device = cond.device
+        arms = list(arms) if arms is not None else self.arms
+        if horizon is None:
+            horizon = torch.full((b,), DEFAULT_HORIZON_WEEKS, device=device)
+        horizon = horizon.to(device).float().reshape(-1).expand(b)
+        if arms is not None:
+            per_case = torch.tensor([arm_index(a) for a in arms], device=device).reshape(1, -1).expand(b, -1)
+        else:  # each case under its own treatment, the null token where none is given
+            if treatment is None:
+                treatment = torch.full((b,), NULL_TREATMENT, device=device)
+            per_case = treatment.to(device).long().reshape(-1, 1).expand(b, 1)
+        a = per_case.shape[1]
+
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        noise = torch.randn((b, 1, k, 1, *cond.shape[2:]), generator=generator, device=device)
+        rows = b * a * k
+        samples = self.sampler.sample(
+            network,
+            cond[:, None, None].expand(b, a, k, *cond.shape[1:]).reshape(rows, *cond.shape[1:]),
+            per_case[:, :, None].expand(b, a, k).reshape(rows),
+            horizon[:, None, None].expand(b, a, k).reshape(rows),
+            noise=noise.expand(b, a, k, *noise.shape[3:]).reshape(rows, 1, *cond.shape[2:]),
+        )
+        samples = samples.reshape(b, a, k, *cond.shape[2:])
+        return samples[:, 0] if arms is None else samples
+
+
+class ThresholdInferer(Inferer):
+    """Deterministic baseline: ``sigmoid(network(cond, treatment, horizon)) >= threshold`` as one sample per case.
+
+    Returns (B, 1, *spatial) binary masks, or the probabilities with ``return_probability=True``.
+    """
+
+    def __init__(self, threshold: float = 0.5, return_probability: bool = False) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+        self.return_probability = return_probability
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            prob = torch.sigmoid(network(inputs.float(), kwargs.get("treatment"), kwargs.get("horizon")).float())
+        return prob if self.return_probability else (prob >= self.threshold).float()

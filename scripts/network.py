@@ -1,0 +1,145 @@
+"""Networks: the treatment-conditioned spatio-temporal diffusion U-Net and its deterministic baseline.
+
+Both are MONAI ``DiffusionModelUNet`` s. The conditioning volume (past-visit MRI, lesion masks and availability
+indicators, :data:`scripts.constants.CONDITION_CHANNELS`) is concatenated with the noisy NET2 signal along channels.
+The treatment arm (a learned embedding with an extra "no treatment" token) and the forecast horizon in weeks (a
+sinusoidal embedding and an MLP) are summed into one vector that MONAI's U-Net adds to its diffusion-time embedding,
+so both reach every residual block. We plug that vector in through the U-Net's class-embedding slot: the parent's
+``forward`` then runs unchanged, with ``class_labels`` carrying ``[treatment index, horizon weeks]`` per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
+
+
+class TreatmentHorizonEmbedding(nn.Module):
+    """Embed ``[treatment index, horizon weeks]`` pairs into the U-Net's time-embedding space.
+
+    Args:
+        embed_dim: size of the U-Net's time embedding.
+        num_treatments: number of treatment tokens, the null token included.
+        horizon_channels: size of the sinusoidal horizon features.
+        horizon_scale: multiplies weeks before the sinusoids, so that differences of a few weeks are resolved by
+            frequencies designed for diffusion timesteps in [0, 1000).
+    """
+
+    def __init__(
+        self, embed_dim: int, num_treatments: int = NULL_TREATMENT + 1, horizon_channels: int = 64,
+        horizon_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.num_treatments = num_treatments
+        self.horizon_channels = horizon_channels
+        self.horizon_scale = horizon_scale
+        self.treatment = nn.Embedding(num_treatments, embed_dim)
+        self.horizon = nn.Sequential(
+            nn.Linear(horizon_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels``: (N, 2) float tensor of [treatment index, horizon weeks]."""
+        treatment = labels[:, 0].round().long()
+        horizon = get_timestep_embedding(labels[:, 1].float() * self.horizon_scale, self.horizon_channels)
+        return self.treatment(treatment) + self.horizon(horizon.to(self.horizon[0].weight.dtype))
+
+
+class ForecastDiffusionUNet(DiffusionModelUNet):
+    """3D diffusion U-Net that denoises a future NET2 mask given past visits, a treatment and a horizon.
+
+    ``forward(x, timesteps, cond, treatment, horizon)``:
+
+    * ``x``: (N, 1, D, H, W) noisy NET2 signal at ``timesteps`` (N,);
+    * ``cond``: (N, C, D, H, W) conditioning volume, C = ``cond_channels``;
+    * ``treatment``: (N,) int64 arm index, ``NULL_TREATMENT`` for "no treatment given";
+    * ``horizon``: (N,) float weeks from the most recent past visit to the forecast visit.
+
+    Returns the network's prediction (v, epsilon or x0, per the scheduler) with the shape of ``x``. When ``cond`` is
+    None, ``x`` must already hold the noisy signal and the conditioning concatenated (MONAI's ``DiffusionInferer``
+    "concat" mode).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        cond_channels: int = len(CONDITION_CHANNELS),
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128),
+        attention_levels: Sequence[bool] = (False, False, True),
+        num_res_blocks: Sequence[int] | int = 1,
+        norm_num_groups: int = 16,
+        num_head_channels: Sequence[int] | int = 32,
+        resblock_updown: bool = False,
+        horizon_scale: float = 10.0,
+        use_flash_attention: bool = False,
+        noisy_channels: int = 1,
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=noisy_channels + cond_channels,
+            out_channels=out_channels,
+            num_res_blocks=num_res_blocks,
+            channels=channels,
+            attention_levels=attention_levels,
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+            resblock_updown=resblock_updown,
+            num_class_embeds=NULL_TREATMENT + 1,
+            use_flash_attention=use_flash_attention,
+        )
+        self.cond_channels = cond_channels
+        self.noisy_channels = noisy_channels
+        self.class_embedding = TreatmentHorizonEmbedding(
+            embed_dim=channels[0] * 4, num_treatments=NULL_TREATMENT + 1, horizon_scale=horizon_scale
+        )
+
+    @staticmethod
+    def condition_labels(treatment: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
+        """Pack treatment indices and horizons into the (N, 2) ``class_labels`` the parent forward expects."""
+        return torch.stack([treatment.reshape(-1).float(), horizon.reshape(-1).float()], dim=1)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        treatment: torch.Tensor | None = None,
+        horizon: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        if class_labels is None:
+            if treatment is None:
+                treatment = torch.full((n,), NULL_TREATMENT, dtype=torch.long, device=x.device)
+            if horizon is None:
+                raise ValueError("horizon (weeks) is required")
+            class_labels = self.condition_labels(treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n))
+        return super().forward(x, timesteps, context=context, class_labels=class_labels)
+
+
+class DeterministicForecastNet(ForecastDiffusionUNet):
+    """Baseline with the same inputs that predicts NET2 logits directly (no noisy input, timestep fixed at 0).
+
+    ``forward(cond, treatment, horizon)`` returns (N, 1, D, H, W) logits; train with Dice + BCE.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs["noisy_channels"] = 0
+        super().__init__(**kwargs)
+
+    def forward(  # type: ignore[override]
+        self, cond: torch.Tensor, treatment: torch.Tensor | None = None, horizon: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        timesteps = torch.zeros(cond.shape[0], dtype=torch.long, device=cond.device)
+        return super().forward(cond, timesteps, cond=None, treatment=treatment, horizon=horizon)
+
