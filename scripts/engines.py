@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents, PrepareBatch
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.constants import NULL_TREATMENT
 from scripts.scheduler import ForecastScheduler, mask_to_signal
@@ -134,11 +134,24 @@ def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
     return best
 
 
+class TrainerCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` that also saves the state of the engine it is attached to under ``"trainer"``.
+
+    The trainer cannot be named in its own handler's config (a circular reference), so it joins at ``attach``.
+    Saving goes through ignite's atomic disk saver: a checkpoint is written to a temporary file and renamed.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
+        super().attach(engine)
+
+
 class ResumeFromCheckpoint:
     """Resume a run from the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir``, if there is one.
 
-    It loads every object of ``load_dict`` (network, EMA, optimizer, learning-rate schedule, trainer state) through
-    MONAI's ``CheckpointLoader``; the trainer then continues at epoch N + 1 with the same data order and schedules.
+    It loads every object of ``load_dict`` (network, EMA, optimizer, learning-rate schedule) and the state of the
+    engine it is attached to (epoch, iteration) through MONAI's ``CheckpointLoader``; the trainer then continues at
+    epoch N + 1.
     """
 
     def __init__(self, ckpt_dir: str, load_dict: dict, map_location: Any = None, enabled: bool = True) -> None:
@@ -153,7 +166,8 @@ class ResumeFromCheckpoint:
             logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)
             return
         logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        load_dict = {**self.load_dict, "trainer": engine}
+        CheckpointLoader(load_path=path, load_dict=load_dict, map_location=self.map_location).attach(engine)
         engine.add_event_handler(
             Events.STARTED, lambda e: logger.info("resumed at epoch %d, iteration %d", e.state.epoch, e.state.iteration)
         )

@@ -1,0 +1,657 @@
+"""Data pipeline: a datalist case -> the network's input on a fixed working grid, and back to the case's reference grid.
+
+A bundle config composes the transforms in this order (``preprocessing_transforms`` returns the same list)::
+
+    LoadCased()                  # image keys + label -> float32 MetaTensor (1, *native) with its affine;
+                                 # writes reference_key, reference_path, reference_affine, reference_shape,
+                                 # reference_centre
+    ScaleForegroundPercentilesd()  # MRI keys: foreground p1 -> 0, median -> 0.5, on each image's own grid
+    ToWorkingGridd(spatial_size=(64, 64, 64), spacing=(3.0, 3.0, 3.0))
+                                 # every image key + label -> working grid, one interpolation each;
+                                 # writes working_affine
+    StackConditiond()            # -> cond (30, *S), label (1, *S), treatment (int64), horizon (float32)
+    RandDropInputsd(...)         # training only, last: random modality / visit-0 / net2_1 dropout
+
+Everything before ``RandDropInputsd`` is deterministic, so a ``CacheDataset`` caches its output. Forecasts go back
+with :func:`to_reference_grid` (or :class:`ToReferenceGridd`) and are written with :func:`save_nifti`.
+
+Geometry: the bundle uses the NIfTI affines only (contract: all images of one case lie in one world space). Each
+image is resampled directly from its own (possibly oblique) voxel grid to the working grid, an axis-aligned RAS grid
+of ``spacing`` mm centred on the centroid of the reference image's foreground. MRI is anti-aliased with a Gaussian
+whose width matches the downsampling factor, then linearly interpolated; masks are interpolated linearly and
+thresholded at 0.5. Outside an image's field of view the working grid holds 0 (the normalised air level).
+
+Real data check (tests/test_data.py, LIT longitudinal MS database, patient01/raw): the ITK transforms there map
+points of the fixed space (LPS mm) to the moving raw image, x_raw = A (x - c) + c + t. Within one study they are
+near identities: over the head the T1W/T2W-to-FLAIR displacement is at most 0.8/1.6 mm (study 1) and 2.2 mm
+(study 2), under the 3 mm working voxel, so the raw images of one study are co-registered by their NIfTI affines
+alone (same scanner session) and need no resampling beforehand. Between studies (and to the archive's common space)
+the displacement reaches 10 mm: raw images of two visits are NOT in one world space and must be registered first,
+or the registration folded into their affines, before they form one case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged, MapTransform, Randomizable, SpatialResample
+from scipy.ndimage import gaussian_filter
+
+from scripts.constants import (
+    CONDITION_CHANNELS,
+    DEFAULT_HORIZON_WEEKS,
+    IMAGE_KEYS,
+    LABEL_KEY,
+    MASK_KEYS,
+    MRI_KEYS,
+    REFERENCE_KEY_PRIORITY,
+    arm_index,
+)
+
+__all__ = [
+    "CaseError",
+    "LoadCased",
+    "RandDropInputsd",
+    "ScaleForegroundPercentilesd",
+    "StackConditiond",
+    "ToReferenceGridd",
+    "ToWorkingGridd",
+    "find_case_error",
+    "find_reference_key",
+    "foreground_mask",
+    "load_datalist",
+    "preprocessing_transforms",
+    "save_nifti",
+    "scale_foreground_percentiles",
+    "to_reference_grid",
+    "validate_case",
+    "working_affine",
+]
+
+LOADED_KEYS: tuple[str, ...] = IMAGE_KEYS + (LABEL_KEY,)
+"""Keys holding a NIfTI path in a datalist entry."""
+BINARY_KEYS: tuple[str, ...] = MASK_KEYS + (LABEL_KEY,)
+"""Keys holding binary masks (interpolated linearly, then thresholded at 0.5)."""
+VISIT1_MRI_KEYS: tuple[str, ...] = tuple(k for k in MRI_KEYS if k.endswith("_1"))
+VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
+# channel of each image key's volume and of its availability indicator in ``cond``
+VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
+AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
+
+
+class CaseError(ValueError):
+    """A bad input of one case; ``str()`` is one line naming the case id, the input key and the reason."""
+
+    def __init__(self, case_id: str, key: str, reason: str) -> None:
+        self.case_id, self.key, self.reason = str(case_id), str(key), str(reason)
+        super().__init__(f"case {self.case_id!r}: {self.key}: {self.reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # keeps the error intact across processes (pickle would call __init__ with the message alone)
+        return (type(self), (self.case_id, self.key, self.reason))
+
+
+def find_case_error(error: BaseException | None) -> CaseError | None:
+    """The :class:`CaseError` behind ``error``, if any (MONAI's ``Compose`` re-raises as ``RuntimeError``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CaseError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datalist
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_reference_key(case: Mapping[Hashable, Any]) -> str | None:
+    """The key whose grid is the case's reference grid: first present key of ``REFERENCE_KEY_PRIORITY``."""
+    return next((k for k in REFERENCE_KEY_PRIORITY if case.get(k) is not None), None)
+
+
+def validate_case(case: Any, base_dir: str | os.PathLike[str], index: int = 0) -> dict[str, Any]:
+    """Check one datalist entry and return a normalised copy.
+
+    Null image keys are dropped, image paths become absolute (relative ones are resolved against ``base_dir``),
+    ``horizon_weeks`` is filled with its default. Other keys are kept unchanged.
+
+    Raises:
+        CaseError: naming the case id (``#index`` when it has none), the offending key and the reason.
+    """
+    if not isinstance(case, Mapping):
+        raise CaseError(f"#{index}", "entry", f"expected a JSON object, got {type(case).__name__}")
+    case_id = case.get("id")
+    if not isinstance(case_id, str) or not case_id.strip():
+        raise CaseError(f"#{index}" if case_id is None else case_id, "id", "must be a non-empty string")
+    # the id names the case's output folder, so it must not escape or alias it
+    if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
+        raise CaseError(case_id, "id", "must be usable as a folder name (no '/', '\\', '.' or '..')")
+    out: dict[str, Any] = {k: v for k, v in case.items() if k not in LOADED_KEYS}
+    for key in LOADED_KEYS:
+        value = case.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise CaseError(case_id, key, f"expected a file path, got {value!r}")
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else Path(base_dir) / path
+        if not path.is_file():
+            raise CaseError(case_id, key, f"file not found: {path}")
+        out[key] = os.path.normpath(path)
+    if find_reference_key(out) is None:
+        raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
+    treatment = case.get("treatment")
+    if treatment is None:
+        out.pop("treatment", None)
+    else:
+        try:
+            arm_index(treatment if isinstance(treatment, str) else repr(treatment))
+        except ValueError as err:
+            raise CaseError(case_id, "treatment", str(err)) from None
+    horizon = case.get("horizon_weeks")
+    if horizon is None:
+        horizon = DEFAULT_HORIZON_WEEKS
+    # bool is an int subclass in Python, but "true weeks" is certainly a mistake
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon <= 0:
+        raise CaseError(case_id, "horizon_weeks", f"must be a positive number of weeks, got {horizon!r}")
+    out["horizon_weeks"] = float(horizon)
+    return out
+
+
+def load_datalist(
+    path: str | os.PathLike[str], split: str, errors: list[CaseError] | None = None
+) -> list[dict[str, Any]]:
+    """Read the ``split`` list (``training``/``validation``/``testing``) of a JSON datalist and validate each case.
+
+    Relative image paths are resolved against the datalist file's folder (see :func:`validate_case`).
+
+    Args:
+        path: the datalist JSON file.
+        split: top-level list to read.
+        errors: when given, invalid cases are appended to it and skipped instead of raising, so a command can
+            process the good cases and report the bad ones.
+
+    Raises:
+        CaseError: for the first invalid case (unless ``errors`` is given); ValueError for a malformed file.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        datalist = json.load(f)
+    if not isinstance(datalist, dict) or not isinstance(datalist.get(split), list):
+        raise ValueError(f"{path}: no list {split!r} in the datalist")
+    cases: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(datalist[split]):
+        try:
+            case = validate_case(entry, path.parent, index)
+            if case["id"] in seen:
+                raise CaseError(case["id"], "id", f"duplicate id (entries #{seen[case['id']]} and #{index})")
+        except CaseError as err:
+            if errors is None:
+                raise
+            errors.append(err)
+            continue
+        seen[case["id"]] = index
+        cases.append(case)
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LoadCased(LoadImaged):
+    """Load every present image key and ``label`` as a float32 MetaTensor ``(1, *native)`` carrying its affine.
+
+    Absent or null keys are removed from the sample. Writes ``reference_key`` (str), ``reference_path`` (str),
+    ``reference_affine`` (float64 (4, 4) tensor), ``reference_shape`` (int64 (3,) tensor) and ``reference_centre``
+    (float64 (3,) tensor: world mm of the centroid of the reference image's foreground, found on the raw
+    intensities; the field-of-view centre when there is none).
+
+    Raises:
+        CaseError: a file that cannot be read, is not a 3D volume or has a singular affine; no visit-1 MRI.
+    """
+
+    def __init__(self, keys: KeysCollection = LOADED_KEYS, allow_missing_keys: bool = True) -> None:
+        super().__init__(
+            keys,
+            reader="NibabelReader",
+            dtype=np.float32,
+            image_only=True,
+            ensure_channel_first=True,
+            allow_missing_keys=allow_missing_keys,
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        d = {k: v for k, v in data.items() if not (k in self.keys and v is None)}
+        case_id = d.get("id", "?")
+        reference_key = find_reference_key(d)
+        if reference_key is None:
+            raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
+        reference_path = str(d[reference_key])
+        for key in self.key_iterator(d):
+            try:
+                img = self._loader(d[key], reader)
+            except Exception as err:  # any reader failure is a bad input of this case
+                raise CaseError(case_id, str(key), f"cannot read {d[key]}: {err}") from err
+            if img.ndim != 4 or img.shape[0] != 1:
+                raise CaseError(case_id, str(key), f"expected a 3D volume, got shape {tuple(img.shape)}")
+            affine = img.affine.numpy()
+            if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+                raise CaseError(case_id, str(key), "the NIfTI affine is singular or not finite")
+            d[key] = img
+        ref = d[reference_key]
+        d["reference_key"] = reference_key
+        d["reference_path"] = reference_path
+        d["reference_affine"] = ref.affine.detach().clone().to(torch.float64)
+        d["reference_shape"] = torch.tensor(ref.shape[1:], dtype=torch.int64)
+        d["reference_centre"] = torch.from_numpy(_foreground_centre_mm(np.asarray(ref[0]), affine=ref.affine.numpy()))
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Intensities
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def foreground_mask(image: np.ndarray, fraction: float = 0.1, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """Voxels brighter than ``p_lower + fraction * (p_upper - p_lower)`` of the whole image (head or brain).
+
+    Built from percentiles only, so it is unchanged by a positive gain and an offset of the intensities; it finds the
+    head in non-skull-stripped scans (air is far darker) as well as the brain in skull-stripped ones.
+    """
+    lo, hi = np.percentile(image, (lower, upper))
+    if not hi > lo:
+        return np.zeros(image.shape, dtype=bool)
+    return image > lo + fraction * (hi - lo)
+
+
+def scale_foreground_percentiles(
+    image: np.ndarray,
+    lower: float = 1.0,
+    upper: float = 50.0,
+    target: tuple[float, float] = (0.0, 0.5),
+    fraction: float = 0.1,
+    clip: tuple[float, float] = (0.0, 2.0),
+) -> np.ndarray:
+    """Map the ``lower``/``upper`` percentiles of the foreground linearly to ``target`` and clip to ``clip`` (float32).
+
+    Invariant to a positive gain and an offset of the raw units. The default upper anchor is the foreground median:
+    whether or not the skull is stripped, the median voxel of the head (or brain) is brain tissue, whereas high
+    percentiles of an unstripped T1 are scalp fat (LIT patient01: median brain T1 0.51 with the skull vs 0.50
+    stripped here, but 0.23 vs 0.73 when p99 maps to 1). The lower clip at 0 sends air to 0, the value the working
+    grid holds outside an image's field of view. A constant image maps to zeros.
+    """
+    image = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    foreground = foreground_mask(image, fraction)
+    if not foreground.any():
+        return np.zeros_like(image)
+    lo, hi = np.percentile(image[foreground], (lower, upper))
+    if not hi > lo:
+        return np.zeros_like(image)
+    # float64 arithmetic: raw units of 1e4 with an offset would lose digits of the 1e-4 invariance in float32
+    scaled = target[0] + (image.astype(np.float64) - lo) * ((target[1] - target[0]) / (hi - lo))
+    return np.clip(scaled, *clip).astype(np.float32)
+
+
+class ScaleForegroundPercentilesd(MapTransform):
+    """Scale each MRI key with :func:`scale_foreground_percentiles` on its own grid (keeps the MetaTensor affine).
+
+    Run before resampling: statistics come from the full-resolution image, and the 0 filled outside the field of
+    view by the resampler then equals the normalised air level whatever the raw units.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = MRI_KEYS,
+        lower: float = 1.0,
+        upper: float = 50.0,
+        target: Sequence[float] = (0.0, 0.5),
+        fraction: float = 0.1,
+        clip: Sequence[float] = (0.0, 2.0),
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lower, self.upper, self.fraction = lower, upper, fraction
+        self.target = (float(target[0]), float(target[1]))
+        self.clip = (float(clip[0]), float(clip[1]))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            array = np.asarray(img.detach().cpu()) if isinstance(img, torch.Tensor) else np.asarray(img)
+            scaled = scale_foreground_percentiles(array, self.lower, self.upper, self.target, self.fraction, self.clip)
+            d[key] = MetaTensor(torch.from_numpy(scaled), meta=img.meta) if isinstance(img, MetaTensor) else scaled
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Working grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def working_affine(centre_mm: Sequence[float], spatial_size: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+    """RAS axis-aligned affine (float64 (4, 4)) of a ``spatial_size`` grid, ``spacing`` mm, centred at ``centre_mm``."""
+    spacing_ = np.asarray(spacing, dtype=np.float64)
+    affine = np.diag([*spacing_, 1.0])
+    affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - spacing_ * (np.asarray(spatial_size) - 1) / 2.0
+    return torch.from_numpy(affine)
+
+
+def _foreground_centre_mm(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World position of the foreground centroid; the field-of-view centre when there is no foreground."""
+    mask = foreground_mask(image)
+    if mask.any():
+        # centroid from the three axis projections: cheaper than listing millions of voxel indices
+        centre = [
+            float(np.dot(np.arange(n), mask.sum(axis=tuple(a for a in range(3) if a != axis))) / mask.sum())
+            for axis, n in enumerate(mask.shape)
+        ]
+    else:
+        centre = [(n - 1) / 2.0 for n in mask.shape]
+    return (affine @ np.array([*centre, 1.0]))[:3]
+
+
+def _anti_alias_sigma(affine: np.ndarray, spacing: Sequence[float]) -> list[float]:
+    """Gaussian sigma (source voxels) per source axis for downsampling to ``spacing``; 0 where not downsampling."""
+    sigmas = []
+    for axis in range(3):
+        column = affine[:3, axis]
+        voxel = float(np.linalg.norm(column))
+        # extent of one working voxel along this (possibly oblique) source axis
+        target = float(np.linalg.norm(np.asarray(spacing) * column / voxel))
+        sigmas.append(max(0.0, (target / voxel - 1.0) / 2.0))  # skimage's rule for anti-aliasing before resizing
+    return sigmas
+
+
+class ToWorkingGridd(MapTransform):
+    """Resample every present image key and ``label`` directly from its own grid to the working grid.
+
+    The working grid is RAS, axis-aligned, ``spacing`` mm, ``spatial_size`` voxels, centred on ``reference_centre``
+    (the reference image's foreground centroid; computed here when absent). One interpolation per image, through the
+    affines: MRI is Gaussian anti-aliased then linear; masks are binarised, linear, thresholded at 0.5. Outside the
+    field of view: 0.
+    Writes ``working_affine`` (float64 (4, 4) tensor); images stay MetaTensors ``(1, *spatial_size)``.
+    """
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int] = (64, 64, 64),
+        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        keys: KeysCollection = LOADED_KEYS,
+        mask_keys: Sequence[str] = BINARY_KEYS,
+        anti_alias: bool = True,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.mask_keys = tuple(mask_keys)
+        self.anti_alias = anti_alias
+        self.resample = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if d.get("reference_centre") is not None:
+            centre = np.asarray(d["reference_centre"], dtype=np.float64)
+        else:
+            reference_key = d.get("reference_key") or find_reference_key(d)
+            if reference_key is None or not isinstance(d.get(reference_key), MetaTensor):
+                raise CaseError(d.get("id", "?"), VISIT1_MRI_KEYS[0], "no loaded MRI of visit 1 (run LoadCased first)")
+            ref = d[reference_key]
+            centre = _foreground_centre_mm(np.asarray(ref[0].detach().cpu()), ref.affine.numpy())
+        dst_affine = working_affine(centre, self.spatial_size, self.spacing)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key in self.mask_keys:
+                img = MetaTensor((img >= 0.5).float().as_tensor(), meta=img.meta)
+            elif self.anti_alias:
+                sigma = _anti_alias_sigma(img.affine.numpy(), self.spacing)
+                if max(sigma) > 0:
+                    smooth = gaussian_filter(np.asarray(img[0].detach().cpu()), sigma, mode="nearest")
+                    img = MetaTensor(torch.from_numpy(smooth)[None], meta=img.meta)
+            out = self.resample(img, dst_affine=dst_affine, spatial_size=self.spatial_size)
+            if key in self.mask_keys:
+                out = (out >= 0.5).float()
+            d[key] = out
+        d["working_affine"] = dst_affine
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacking
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor (MetaTensor meta would ride along into the batch and the network otherwise)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+class StackConditiond(MapTransform):
+    """Build the network's input from working-grid images.
+
+    Writes ``cond`` (float32 (len(CONDITION_CHANNELS), *S), channels in ``CONDITION_CHANNELS`` order: each image key,
+    zeros if absent, then one constant availability volume per image key), ``label`` (float32 (1, *S) in {0, 1},
+    when present), ``treatment`` (int64 scalar, ``arm_index``; absent -> ``NULL_TREATMENT``) and ``horizon``
+    (float32 scalar weeks, from ``horizon_weeks``). Removes the per-key images and ``horizon_weeks`` so samples with
+    different available keys collate; keeps ``id`` and the reference/working grid entries.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(IMAGE_KEYS, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        case_id = d.get("id", "?")
+        present = {k: d.pop(k) for k in IMAGE_KEYS if d.get(k) is not None}
+        shapes = {tuple(v.shape[1:]) for v in present.values()}
+        if len(shapes) != 1:
+            raise CaseError(case_id, ",".join(present) or "images", f"images are not on one grid: {sorted(shapes)}")
+        spatial = shapes.pop()
+        cond = torch.zeros((len(CONDITION_CHANNELS), *spatial), dtype=torch.float32)
+        for key, volume in present.items():
+            cond[VOLUME_CHANNEL[key]] = _plain(volume)[0].float()
+            cond[AVAILABLE_CHANNEL[key]] = 1.0
+        d["cond"] = cond
+        if d.get(LABEL_KEY) is not None:
+            label = _plain(d[LABEL_KEY]).float()
+            if tuple(label.shape[1:]) != spatial:
+                raise CaseError(case_id, LABEL_KEY, f"not on the images' grid: {tuple(label.shape)}")
+            d[LABEL_KEY] = (label >= 0.5).float().reshape(1, *spatial)
+        else:
+            d.pop(LABEL_KEY, None)
+        try:
+            index = arm_index(d.get("treatment"))
+        except ValueError as err:
+            raise CaseError(case_id, "treatment", str(err)) from None
+        d["treatment"] = torch.tensor(index, dtype=torch.int64)
+        horizon = d.pop("horizon_weeks", None)
+        d["horizon"] = torch.tensor(DEFAULT_HORIZON_WEEKS if horizon is None else float(horizon), dtype=torch.float32)
+        return d
+
+
+class RandDropInputsd(Randomizable, MapTransform):
+    """Training augmentation on ``cond``: drop inputs by zeroing their volume AND their availability channel.
+
+    Independently: each present image key with ``prob_modality``; all of visit 0 with ``prob_visit0``; ``net2_1``
+    with ``prob_net2``. If every present visit-1 MRI would go, one of them (drawn at random) is kept. Draws the same
+    amount of random numbers per call, so a seed (``set_random_state`` / ``monai.utils.set_determinism`` through
+    ``Compose``) fixes the sequence of drops.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("cond",),
+        prob_modality: float = 0.1,
+        prob_visit0: float = 0.2,
+        prob_net2: float = 0.2,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=False)
+        self.prob_modality, self.prob_visit0, self.prob_net2 = prob_modality, prob_visit0, prob_net2
+        self._draws = np.zeros(len(IMAGE_KEYS) + 3)
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw per-key, visit-0, net2_1 and keep-which uniforms."""
+        self._draws = self.R.uniform(size=len(IMAGE_KEYS) + 3)
+
+    def dropped_keys(self, present: Sequence[str]) -> list[str]:
+        """Keys to drop among ``present`` for the last :meth:`randomize` draw."""
+        n = len(IMAGE_KEYS)
+        drop = {k for k, u in zip(IMAGE_KEYS, self._draws[:n], strict=True) if u < self.prob_modality}
+        if self._draws[n] < self.prob_visit0:
+            drop.update(VISIT0_KEYS)
+        if self._draws[n + 1] < self.prob_net2:
+            drop.add("net2_1")
+        visit1 = [k for k in present if k in VISIT1_MRI_KEYS]
+        if visit1 and all(k in drop for k in visit1):
+            drop.discard(visit1[min(int(self._draws[n + 2] * len(visit1)), len(visit1) - 1)])
+        return [k for k in present if k in drop]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            cond = _plain(d[key]).clone()
+            present = [k for k in IMAGE_KEYS if float(cond[AVAILABLE_CHANNEL[k]].flatten()[0]) > 0.5]
+            for k in self.dropped_keys(present):
+                cond[VOLUME_CHANNEL[k]] = 0.0
+                cond[AVAILABLE_CHANNEL[k]] = 0.0
+            d[key] = cond
+        return d
+
+
+def preprocessing_transforms(
+    spatial_size: Sequence[int] = (64, 64, 64),
+    spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    train: bool = False,
+    drop_kwargs: Mapping[str, Any] | None = None,
+) -> list[MapTransform]:
+    """The pipeline as a list, in config order; the deterministic part first (cacheable), the random drop last."""
+    transforms: list[MapTransform] = [
+        LoadCased(),
+        ScaleForegroundPercentilesd(),
+        ToWorkingGridd(spatial_size=spatial_size, spacing=spacing),
+        StackConditiond(),
+    ]
+    if train:
+        transforms.append(RandDropInputsd(**dict(drop_kwargs or {})))
+    return transforms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Back to the reference grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_reference_grid(
+    volume: torch.Tensor | np.ndarray,
+    working_affine: torch.Tensor | np.ndarray,
+    reference_affine: torch.Tensor | np.ndarray,
+    reference_shape: Sequence[int] | torch.Tensor | np.ndarray,
+    mode: str = "bilinear",
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Resample a working-grid volume ``(C, *S)`` or ``(*S)`` onto the reference grid (float32 numpy).
+
+    The result has shape ``(C, *reference_shape)`` or ``reference_shape`` and lies on ``reference_affine`` (write it
+    with that affine). ``mode``: ``"bilinear"`` for probability maps; ``"nearest"`` for binary masks: it keeps each
+    working voxel's volume and the 26-connectivity of lesions, whereas linear-then-``threshold`` (0.5) gives smoother
+    borders but shrinks one-voxel lesions to a third and can split diagonal neighbours. ``threshold`` binarises the
+    interpolated result (``>= threshold``), e.g. a probability map at 0.5.
+    """
+    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    vol = vol.detach().cpu().float()
+    squeeze = vol.ndim == 3
+    if squeeze:
+        vol = vol[None]
+    if vol.ndim != 4:
+        raise ValueError(f"expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {tuple(vol.shape)}")
+    src = torch.as_tensor(np.asarray(working_affine, dtype=np.float64))
+    dst = torch.as_tensor(np.asarray(reference_affine, dtype=np.float64))
+    shape = [int(s) for s in np.asarray(reference_shape).reshape(-1)]
+    resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
+    out = np.asarray(resample(MetaTensor(vol, affine=src), dst_affine=dst, spatial_size=shape).as_tensor())
+    if threshold is not None:
+        out = (out >= threshold).astype(np.float32)
+    return out[0] if squeeze else out
+
+
+class ToReferenceGridd(MapTransform):
+    """Post-processing: put ``keys`` (working-grid volumes of one sample) onto the sample's reference grid.
+
+    Reads ``working_affine``, ``reference_affine`` and ``reference_shape``; writes a MetaTensor whose affine is the
+    reference affine (see :func:`to_reference_grid` for ``mode`` and ``threshold``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mode: str = "bilinear",
+        threshold: float | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mode, self.threshold = mode, threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reference_affine = torch.as_tensor(d["reference_affine"], dtype=torch.float64)
+        for key in self.key_iterator(d):
+            out = to_reference_grid(
+                d[key], d["working_affine"], reference_affine, d["reference_shape"], self.mode, self.threshold
+            )
+            d[key] = MetaTensor(torch.from_numpy(out), affine=reference_affine.clone())
+        return d
+
+
+def save_nifti(
+    array: torch.Tensor | np.ndarray,
+    affine: torch.Tensor | np.ndarray,
+    path: str | os.PathLike[str],
+    dtype: Any = np.float32,
+) -> Path:
+    """Write a 3D volume (a leading channel of 1 is dropped) as NIfTI with ``affine`` in sform and qform, atomically.
+
+    The file is written to a temporary name in the same folder and moved into place with ``os.replace``, so readers
+    never see a partial file and a failure leaves no file behind.
+    """
+    data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    affine_ = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    image = nib.Nifti1Image(data.astype(dtype), affine_)
+    image.header.set_sform(affine_, code=1)
+    image.header.set_qform(affine_, code=1)
+    image.header.set_xyzt_units("mm")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the final suffix on the temporary name: nibabel picks gzip from ".gz"
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

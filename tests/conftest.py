@@ -1,0 +1,31 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+"""Real test data, kept outside the repository (``../shared/data`` relative to the repository root)."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder; skips the test where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA.resolve()} (../shared/data next to the repository)")
+    return SHARED_DATA.resolve()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""Repository root: bundle commands run from here."""
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic cohort (8 cases, 32^3 at 6 mm) for workflow tests; returns its datalist path."""
+    from scripts.synthetic import generate_cohort
+
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    return Path(generate_cohort(out, n=8, seed=11, shape=32, spacing=6.0, split=(0.5, 0.25, 0.25), progress=False))

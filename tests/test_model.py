@@ -1,0 +1,144 @@
+"""The conditioned diffusion network, its deterministic baseline, the scheduler and the sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
+from scripts.engines import DiffusionPrepareBatch, WeightedMSELoss
+from scripts.inferer import ForecastInferer, ThresholdInferer
+from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
+from scripts.sampler import ForecastSampler
+from scripts.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
+
+SMALL = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8, "num_head_channels": 8}
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def net() -> ForecastDiffusionUNet:
+    torch.manual_seed(0)
+    network = ForecastDiffusionUNet(**SMALL).eval()
+    # the U-Net's output convolution starts at zero; perturb it so that conditions visibly reach the output
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return network
+
+
+def _inputs(n: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, SIZE, SIZE, SIZE, generator=g)
+    cond = torch.rand(n, len(CONDITION_CHANNELS), SIZE, SIZE, SIZE, generator=g)
+    return x, torch.tensor([500] * n), cond, torch.zeros(n, dtype=torch.long), torch.full((n,), 24.0)
+
+
+def test_output_shape_and_dtype(net: ForecastDiffusionUNet) -> None:
+    x, t, cond, treatment, horizon = _inputs()
+    with torch.no_grad():
+        out = net(x, t, cond, treatment, horizon)
+    assert out.shape == x.shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_treatment_token_changes_output(net: ForecastDiffusionUNet) -> None:
+    x, t, cond, treatment, horizon = _inputs()
+    with torch.no_grad():
+        placebo = net(x, t, cond, treatment, horizon)
+        ocrelizumab = net(x, t, cond, torch.full_like(treatment, ARMS.index("ocrelizumab")), horizon)
+        again = net(x, t, cond, treatment, horizon)
+    assert torch.equal(placebo, again)
+    assert (placebo - ocrelizumab).abs().max() > 1e-4
+
+
+def test_null_token_and_horizon(net: ForecastDiffusionUNet) -> None:
+    x, t, cond, treatment, horizon = _inputs()
+    with torch.no_grad():
+        null = net(x, t, cond, torch.full_like(treatment, NULL_TREATMENT), horizon)
+        default_null = net(x, t, cond, None, horizon)
+        later = net(x, t, cond, treatment, horizon * 2)
+        placebo = net(x, t, cond, treatment, horizon)
+    assert torch.isfinite(null).all()
+    assert torch.equal(null, default_null)
+    assert (later - placebo).abs().max() > 1e-4
+    with pytest.raises(IndexError):
+        net(x, t, cond, torch.full_like(treatment, NULL_TREATMENT + 1), horizon)
+
+
+def test_concat_mode_equals_separate_condition(net: ForecastDiffusionUNet) -> None:
+    x, t, cond, treatment, horizon = _inputs()
+    with torch.no_grad():
+        separate = net(x, t, cond, treatment, horizon)
+        concatenated = net(torch.cat([x, cond], 1), t, None, treatment, horizon)
+    assert torch.allclose(separate, concatenated)
+
+
+def test_deterministic_baseline_shape() -> None:
+    network = DeterministicForecastNet(**SMALL).eval()
+    _, _, cond, treatment, horizon = _inputs()
+    with torch.no_grad():
+        logits = network(cond, treatment, horizon)
+        masks = ThresholdInferer()(cond, network, treatment=treatment, horizon=horizon)
+    assert logits.shape == (2, 1, SIZE, SIZE, SIZE)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_scheduler_schedule_and_weights() -> None:
+    scheduler = ForecastScheduler()
+    alpha = scheduler.alphas_cumprod
+    assert alpha[0] > 0.99 and alpha[-1] == 0.0  # zero terminal SNR
+    assert torch.all(alpha[1:] <= alpha[:-1])
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps[0] == 999 and len(scheduler.timesteps) == 10  # trailing: starts at pure noise
+    weights = scheduler.loss_weights(torch.tensor([0, 500, 999]))
+    assert torch.all(weights > 0) and torch.all(weights <= 1)
+    assert weights[-1] == 1.0  # pure-noise step keeps full weight
+
+
+def test_scheduler_step_recovers_x0_from_exact_velocity() -> None:
+    scheduler = ForecastScheduler()
+    scheduler.set_timesteps(4)
+    x0 = mask_to_signal((torch.rand(1, 1, 8, 8, 8) > 0.8).float())
+    noise = torch.randn_like(x0)
+    sample = noise.clone()
+    for t in scheduler.timesteps:
+        timesteps = torch.tensor([int(t)])
+        velocity = scheduler.get_velocity(x0, noise, timesteps)
+        sample, predicted = scheduler.step(velocity, int(t), sample)
+        assert torch.allclose(predicted, x0, atol=1e-4)
+    assert torch.equal(signal_to_mask(sample), (x0 > 0).float())
+
+
+def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
+    _, _, cond, _, horizon = _inputs(4)
+    batch = {"cond": cond, "label": (torch.rand(4, 1, SIZE, SIZE, SIZE) > 0.9).float(),
+             "treatment": torch.tensor([0, 1, 2, 3]), "horizon": horizon}
+    torch.manual_seed(0)
+    x_t, target, args, kwargs = DiffusionPrepareBatch(ForecastScheduler(), treatment_dropout=1.0)(batch)
+    assert x_t.shape == batch["label"].shape and args == ()
+    assert torch.all(kwargs["treatment"] == NULL_TREATMENT)  # dropout 1: always the null token
+    loss = WeightedMSELoss()(net(x_t, **kwargs), target)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_inferer_counterfactual_layout_and_seed(net: ForecastDiffusionUNet) -> None:
+    _, _, cond, _, horizon = _inputs()
+    inferer = ForecastInferer(ForecastScheduler(), num_samples=3, num_inference_steps=2, seed=5)
+    both = inferer(cond, net, horizon=horizon, arms=["placebo", "ocrelizumab"])
+    assert both.shape == (2, 2, 3, SIZE, SIZE, SIZE)
+    again = inferer(cond, net, horizon=horizon, arms=["placebo", "ocrelizumab"])
+    assert torch.equal(both, again)
+    factual = inferer(cond, net, treatment=torch.tensor([0, 0]), horizon=horizon)
+    assert factual.shape == (2, 3, SIZE, SIZE, SIZE)
+    assert torch.equal(factual, both[:, 0])  # same noise, same arm -> same samples
+
+
+def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
+    _, _, cond, treatment, horizon = _inputs()
+    noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    whole = ForecastSampler(ForecastScheduler(), 3, guidance_scale=2.0).sample(net, cond, treatment, horizon, noise)
+    chunked = ForecastSampler(ForecastScheduler(), 3, guidance_scale=2.0, chunk_size=1).sample(
+        net, cond, treatment, horizon, noise)
+    assert torch.equal(whole, chunked)
