@@ -12,7 +12,9 @@ from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
 from scripts.sampler import ForecastSampler
 from scripts.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
 
-SMALL = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8, "num_head_channels": 8}
+SMALL = {
+    "channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8, "num_head_channels": 8,
+}
 SIZE = 16
 
 

@@ -69,3 +69,14 @@ def test_torchrun_two_processes_on_cpu(tiny_cohort: Path, tmp_path: Path) -> Non
     log = _train(config, tiny_cohort, tmp_path, epochs=2, launcher=launcher)
     assert "resumed at epoch 1" in log
     assert _epoch_of(tmp_path / "models" / "checkpoint_epoch=2.pt") == 2
+
+
+def test_mlflow_tracking(tiny_cohort: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json", "--datalist",
+          str(tiny_cohort), "--output_dir", str(tmp_path), "--train#trainer#max_epochs", "1", *TINY,
+          "--tracking", "mlflow"])
+    with sqlite3.connect(tmp_path / "mlruns.db") as db:
+        keys = {row[0] for row in db.execute("select distinct key from metrics")}
+    assert {"train_loss", "val_count_mae", "val_dice"} <= keys, keys

@@ -1,0 +1,64 @@
+"""Bundle-level checks: metadata against the Model Zoo schema, and configs in step with the code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from monai.bundle import ConfigParser
+
+from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
+from tests.conftest import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+SCHEMA = REPO_ROOT / ".." / "shared" / "schema" / "meta_schema_20240725.json"
+
+
+def _metadata() -> dict:
+    return json.loads((CONFIGS / "metadata.json").read_text())
+
+
+def test_metadata_verifies_against_schema() -> None:
+    if not SCHEMA.is_file():
+        pytest.skip(f"bundle metadata schema not found at {SCHEMA.resolve()}")
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+         "--filepath", str(SCHEMA)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_metadata_describes_channels_arms_and_version() -> None:
+    meta = _metadata()
+    assert meta["version"] in meta["changelog"]
+    cond = meta["network_data_format"]["inputs"]["cond"]
+    assert cond["num_channels"] == len(CONDITION_CHANNELS)
+    assert [v.split(":")[0] for v in cond["channel_def"].values()] == list(CONDITION_CHANNELS)
+    arms = meta["network_data_format"]["inputs"]["treatment"]["channel_def"]
+    assert [arms[str(i)] for i in range(len(ARMS))] == list(ARMS)
+    assert str(NULL_TREATMENT) in arms
+    assert meta["forecast_horizon"]["unit"] == "weeks"
+
+
+def test_training_configs_share_the_network_and_grid() -> None:
+    train = ConfigParser.load_config_file(CONFIGS / "train.json")
+    baseline = ConfigParser.load_config_file(CONFIGS / "train_deterministic.json")
+    diffusion_net = dict(train["network_def"], _target_=None)
+    baseline_net = dict(baseline["network_def"], _target_=None)
+    assert diffusion_net == baseline_net
+    assert train["network_def"]["cond_channels"] == len(CONDITION_CHANNELS)
+    meta = _metadata()
+    assert meta["network_data_format"]["inputs"]["cond"]["spatial_shape"] == train["spatial_size"]
+
+
+def test_train_config_parses_and_builds_the_workflow(tiny_cohort) -> None:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"datalist": str(tiny_cohort), "output_dir": "/tmp/unused", "spatial_size": [32, 32, 32],
+                   "spacing": [6, 6, 6], "cache_rate": 0.0})
+    network = parser.get_parsed_content("network_def")
+    assert network.cond_channels == len(CONDITION_CHANNELS)
+    scheduler = parser.get_parsed_content("noise_scheduler")
+    assert scheduler.prediction_type == "v_prediction"
