@@ -95,20 +95,25 @@ def test_scheduler_schedule_and_weights() -> None:
     scheduler.set_timesteps(10)
     assert scheduler.timesteps[0] == 999 and len(scheduler.timesteps) == 10  # trailing: starts at pure noise
     weights = scheduler.loss_weights(torch.tensor([0, 500, 999]))
-    assert torch.all(weights > 0) and torch.all(weights <= 1)
-    assert weights[-1] == 1.0  # pure-noise step keeps full weight
+    assert scheduler.prediction_type == "sample"
+    assert weights[0] == scheduler.min_snr_gamma  # nearly clean: clamped at gamma
+    assert weights[-1] == 1.0  # pure noise (SNR = 0): weight 1, never 0
+    v_weights = ForecastScheduler(prediction_type="v_prediction").loss_weights(torch.tensor([0, 500, 999]))
+    assert torch.all(v_weights > 0) and torch.all(v_weights <= 1) and v_weights[-1] == 1.0
 
 
-def test_scheduler_step_recovers_x0_from_exact_velocity() -> None:
-    scheduler = ForecastScheduler()
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_scheduler_step_recovers_x0_from_exact_targets(prediction_type: str) -> None:
+    scheduler = ForecastScheduler(prediction_type=prediction_type)
     scheduler.set_timesteps(4)
     x0 = mask_to_signal((torch.rand(1, 1, 8, 8, 8) > 0.8).float())
     noise = torch.randn_like(x0)
     sample = noise.clone()
     for t in scheduler.timesteps:
         timesteps = torch.tensor([int(t)])
-        velocity = scheduler.get_velocity(x0, noise, timesteps)
-        sample, predicted = scheduler.step(velocity, int(t), sample)
+        # the exact target along the deterministic trajectory that starts from `noise`
+        target = scheduler.training_target(x0, noise, timesteps)
+        sample, predicted = scheduler.step(target, int(t), scheduler.add_noise(x0, noise, timesteps))
         assert torch.allclose(predicted, x0, atol=1e-4)
     assert torch.equal(signal_to_mask(sample), (x0 > 0).float())
 
