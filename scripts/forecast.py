@@ -1,0 +1,323 @@
+"""The forecast job: per case, K samples under every requested arm, their analysis, and the contract's outputs.
+
+For each case of the datalist split, ``ForecastRunner``:
+
+1. preprocesses it (``bundle/configs/inference.json``'s ``preprocessing``: working grid, ``cond``, ``horizon``);
+2. draws K binary NET2 samples for every arm with the ``inferer`` (all arms and samples of the case in one batch,
+   every arm from the same starting noise, so differences between arms come from the treatment alone);
+3. analyses the samples on the working grid (:func:`summarize_arm`): lesion count of each sample (26-connected
+   components), expected count, P(active) = share of samples with at least one lesion, expected volume, and the
+   voxel probability (mean of the binarised samples);
+4. puts each probability map back on the case's reference grid (the grid of ``flair_1``) and thresholds it at 0.5
+   for the forecast mask; lists the mask's lesions with world centroid, volume, mean probability and region;
+5. writes ``<arm>_prob.nii.gz``, ``<arm>_mask.nii.gz``, ``forecast.json`` and ``forecast.png`` into a staging
+   folder that is renamed to ``O/<id>`` only when everything is written, so a failed case leaves nothing behind;
+6. at the end writes ``O/summary.csv`` (one row per case and arm) and, if any case failed, raises an error that
+   names every failed case, its input key and the reason (the command then exits non-zero).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scripts.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
+from scripts.data import CaseError, find_case_error, load_datalist, save_nifti, to_reference_grid
+from scripts.lesions import count_lesions, describe_lesions, voxel_volume_mm3
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = (
+    "id", "arm", "horizon_weeks", "num_samples", "expected_count", "count_p05", "count_p95", "p_active",
+    "expected_volume_mm3", "mask_lesions", "count_ratio_vs_placebo", "count_difference_vs_placebo",
+    "p_active_difference_vs_placebo",
+)
+
+
+class ForecastFailed(RuntimeError):
+    """Raised after all cases are done when at least one case failed; the message lists every failure."""
+
+
+def summarize_arm(samples: np.ndarray, working_affine: np.ndarray) -> dict[str, Any]:
+    """Figures of K binary samples (K, *S) of one arm on the working grid, and its voxel probability map."""
+    samples = np.asarray(samples) > 0
+    counts = [count_lesions(s) for s in samples]
+    voxel = voxel_volume_mm3(working_affine)
+    volumes = samples.reshape(samples.shape[0], -1).sum(1) * voxel
+    return {
+        "expected_count": float(np.mean(counts)),
+        "count_interval_90": [float(np.percentile(counts, 5)), float(np.percentile(counts, 95))],
+        "p_active": float(np.mean([c > 0 for c in counts])),
+        "expected_volume_mm3": float(np.mean(volumes)),
+        "count_samples": [int(c) for c in counts],
+        "prob_working": samples.mean(0).astype(np.float32),
+    }
+
+
+def effects_vs_placebo(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per arm: ratio and difference of expected counts and difference of P(active) against placebo.
+
+    The count ratio is None where the placebo forecast expects no lesion at all (undefined ratio).
+    """
+    if "placebo" not in arms:
+        return {}
+    base = arms["placebo"]
+    effects = {}
+    for arm, figures in arms.items():
+        ratio = figures["expected_count"] / base["expected_count"] if base["expected_count"] > 0 else None
+        effects[arm] = {
+            "count_ratio": ratio,
+            "count_difference": figures["expected_count"] - base["expected_count"],
+            "p_active_difference": figures["p_active"] - base["p_active"],
+        }
+    return effects
+
+
+def display_channel(cond: np.ndarray) -> tuple[str, np.ndarray]:
+    """The MRI to draw forecasts on: the first available of FLAIR, T1, T2, PD, T1-Gd of visit 1, then visit 0."""
+    order = [k for k in MRI_KEYS if k.endswith("_1")] + [k for k in MRI_KEYS if k.endswith("_0")]
+    for key in order:
+        if cond[CONDITION_CHANNELS.index(f"available_{key}")].max() > 0.5:
+            return key, cond[CONDITION_CHANNELS.index(key)]
+    return "none", np.zeros(cond.shape[1:], dtype=np.float32)
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load a state dict (or a checkpoint holding one under ``model``/``ema``/``network``) into ``network``.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: the checkpoint does not match the network; the message names missing, unexpected and
+            mis-shaped parameters.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    for key in ("model", "ema", "network"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mis_shaped:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        details = [f"{label}: {head(keys)}" for label, keys in
+                   (("missing", missing), ("unexpected", unexpected), ("shape differs", mis_shaped)) if keys]
+        raise ValueError(f"checkpoint {path} does not match the network ({type(network).__name__}): "
+                         + "; ".join(details))
+    network.load_state_dict(state)
+
+
+class ForecastRunner:
+    """Forecast every case of a datalist split under every requested arm and write the contract's outputs.
+
+    Args:
+        datalist: datalist JSON path.
+        output_dir: output folder ``O``; each case goes to ``O/<id>``.
+        preprocessing: callable turning a datalist entry into a dict with ``cond``, ``horizon``, ``working_affine``,
+            ``reference_affine``, ``reference_shape``.
+        network: the trained diffusion network (weights loaded).
+        inferer: a :class:`scripts.inferer.ForecastInferer`.
+        arms: arm names to forecast (default: all six).
+        num_samples: overrides the inferer's K when given.
+        split: datalist list to forecast (default ``testing``).
+        device: torch device.
+        overwrite: re-forecast cases whose ``O/<id>/forecast.json`` exists (default: skip them).
+        figure: write ``forecast.png``.
+    """
+
+    def __init__(
+        self,
+        datalist: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        preprocessing: Callable[[dict], dict],
+        network: torch.nn.Module,
+        inferer: Any,
+        arms: Sequence[str] | None = None,
+        num_samples: int | None = None,
+        split: str = "testing",
+        device: str | torch.device = "cpu",
+        overwrite: bool = False,
+        figure: bool = True,
+    ) -> None:
+        self.datalist = datalist
+        self.output_dir = Path(output_dir)
+        self.preprocessing = preprocessing
+        self.network = network
+        self.inferer = inferer
+        self.arms = list(ARMS if arms is None else arms)
+        for arm in self.arms:
+            arm_index(arm)  # unknown names fail here, listing the valid arms
+        if not self.arms:
+            raise ValueError("no treatment arm to forecast")
+        if num_samples is not None:
+            self.inferer.num_samples = int(num_samples)
+        self.split = split
+        self.device = torch.device(device)
+        self.overwrite = overwrite
+        self.figure = figure
+
+    def run(self) -> list[dict[str, Any]]:
+        """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
+        case failed."""
+        errors: list[CaseError] = []
+        cases = load_datalist(self.datalist, self.split, errors=errors)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.network.eval()
+        logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
+                    self.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
+        rows: list[dict[str, Any]] = []
+        for case in tqdm(cases, desc="cases", unit="case"):
+            case_id = str(case["id"])
+            done = self.output_dir / case_id / "forecast.json"
+            if done.is_file() and not self.overwrite:
+                logger.info("case %s: already forecast in %s, skipped (overwrite=True to redo)", case_id, done.parent)
+                rows.extend(summary_rows(json.loads(done.read_text())))
+                continue
+            try:
+                forecast = self.forecast_case(case)
+            except Exception as err:  # one bad case must not stop the others
+                case_error = find_case_error(err)
+                if case_error is None:
+                    logger.exception("case %s failed", case_id)
+                    case_error = CaseError(case_id, "case", f"{type(err).__name__}: {err}")
+                logger.error("%s", case_error)
+                errors.append(case_error)
+                continue
+            rows.extend(summary_rows(forecast))
+        write_summary(rows, self.output_dir / "summary.csv")
+        if errors:
+            message = f"{len(errors)} case(s) failed:\n" + "\n".join(str(e) for e in errors)
+            raise ForecastFailed(message)
+        return rows
+
+    @torch.no_grad()
+    def forecast_case(self, case: dict) -> dict[str, Any]:
+        """Forecast one case and write its outputs; returns the content of its ``forecast.json``."""
+        case_id = str(case["id"])
+        start = time.perf_counter()
+        data = self.preprocessing(dict(case))
+        cond = torch.as_tensor(data["cond"]).float()
+        horizon = float(torch.as_tensor(data["horizon"]))
+        working_affine = np.asarray(data["working_affine"], dtype=np.float64)
+        reference_affine = np.asarray(data["reference_affine"], dtype=np.float64)
+        reference_shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]
+
+        samples = self.inferer(
+            cond[None].to(self.device), self.network, horizon=torch.tensor([horizon], device=self.device),
+            arms=self.arms,
+        )[0].cpu().numpy() > 0.5  # (A, K, *S)
+
+        from scripts.regions import REGIONS, region_map
+
+        regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
+        to_working = np.linalg.inv(working_affine)
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=self.output_dir))
+        try:
+            arms_out: dict[str, dict[str, Any]] = {}
+            probs_working: dict[str, np.ndarray] = {}
+            for a, arm in enumerate(self.arms):
+                figures = summarize_arm(samples[a], working_affine)
+                prob_working = figures.pop("prob_working")
+                probs_working[arm] = prob_working
+                prob = np.clip(to_reference_grid(prob_working, working_affine, reference_affine, reference_shape,
+                                                 mode="bilinear"), 0.0, 1.0).astype(np.float32)
+                mask = (prob >= 0.5).astype(np.uint8)
+                lesions = describe_lesions(mask, reference_affine, prob=prob)
+                for lesion in lesions:
+                    centroid = np.asarray(lesion["centroid_mm"])
+                    ijk = np.rint(to_working[:3, :3] @ centroid + to_working[:3, 3]).astype(int)
+                    inside = np.all(ijk >= 0) and np.all(ijk < np.asarray(regions.shape))
+                    code = int(regions[tuple(ijk)]) if inside else 0
+                    lesion["region"] = REGIONS[code - 1] if code > 0 else "deep_white_matter"
+                save_nifti(prob, reference_affine, staging / f"{arm}_prob.nii.gz", np.float32)
+                save_nifti(mask, reference_affine, staging / f"{arm}_mask.nii.gz", np.uint8)
+                arms_out[arm] = {**figures, "lesions": lesions, "prob": f"{arm}_prob.nii.gz",
+                                 "mask": f"{arm}_mask.nii.gz"}
+            forecast: dict[str, Any] = {
+                "id": case_id,
+                "num_samples": int(samples.shape[1]),
+                "horizon_weeks": horizon,
+                "reference_key": data.get("reference_key"),
+                "arms": arms_out,
+            }
+            effects = effects_vs_placebo(arms_out)
+            if effects:
+                forecast["effects_vs_placebo"] = effects
+            if self.figure:
+                from scripts.reports import forecast_figure
+
+                mri_key, mri = display_channel(cond.numpy())
+                forecast_figure(mri, probs_working, arms_out, staging / "forecast.png",
+                                title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
+                                mri_name=mri_key, voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
+                                affine=working_affine)
+            (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))
+            final = self.output_dir / case_id
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info(
+            "case %s: %s (%.1f s)", case_id,
+            ", ".join(f"{arm} E[count]={f['expected_count']:.2f} P(active)={f['p_active']:.2f}"
+                      for arm, f in arms_out.items()),
+            time.perf_counter() - start,
+        )
+        return forecast
+
+
+def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``summary.csv`` rows (one per arm) of one case's ``forecast.json`` content."""
+    effects = forecast.get("effects_vs_placebo", {})
+    rows = []
+    for arm, figures in forecast["arms"].items():
+        effect = effects.get(arm, {})
+        rows.append({
+            "id": forecast["id"], "arm": arm, "horizon_weeks": forecast["horizon_weeks"],
+            "num_samples": forecast["num_samples"], "expected_count": figures["expected_count"],
+            "count_p05": figures["count_interval_90"][0], "count_p95": figures["count_interval_90"][1],
+            "p_active": figures["p_active"], "expected_volume_mm3": figures["expected_volume_mm3"],
+            "mask_lesions": len(figures["lesions"]),
+            "count_ratio_vs_placebo": effect.get("count_ratio"),
+            "count_difference_vs_placebo": effect.get("count_difference"),
+            "p_active_difference_vs_placebo": effect.get("p_active_difference"),
+        })
+    return rows
+
+
+def write_summary(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write ``summary.csv`` atomically (empty fields for undefined effects)."""
+    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_FIELDS})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
