@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class WeightedTarget(NamedTuple):
-    """Regression target and its per-sample loss weight."""
+    """Regression target and its loss weight (per sample, or per voxel; broadcast against the target)."""
 
     target: torch.Tensor
     weight: torch.Tensor
@@ -92,7 +92,9 @@ class DiffusionPrepareBatch(PrepareBatch):
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=x0.device)
         x_t = self.scheduler.add_noise(x0, noise, timesteps)
         target = self.scheduler.training_target(x0, noise, timesteps)
-        weight = self.scheduler.loss_weights(timesteps).to(x0.dtype)
+        weight = self.scheduler.loss_weights(timesteps).to(x0.dtype).reshape(n, *([1] * (x0.ndim - 1)))
+        if getattr(self.scheduler, "lesion_weight", 1.0) != 1.0:
+            weight = weight * self.scheduler.voxel_weights(x0)
         if self.treatment_dropout > 0:
             dropped = torch.rand(n, device=x0.device) < self.treatment_dropout
             treatment = torch.where(dropped, torch.full_like(treatment, NULL_TREATMENT), treatment)
@@ -101,11 +103,11 @@ class DiffusionPrepareBatch(PrepareBatch):
 
 
 class WeightedMSELoss(torch.nn.Module):
-    """Mean over samples of weight * mean squared error over voxels; ``target`` is a :class:`WeightedTarget`."""
+    """Mean of weight * squared error; ``target`` is a :class:`WeightedTarget` whose weight broadcasts."""
 
     def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
-        per_sample = (pred.float() - target.target.float()).pow(2).flatten(1).mean(1)
-        return (target.weight.float() * per_sample).mean()
+        error = (pred.float() - target.target.float()).pow(2)
+        return (target.weight.float() * error).mean()
 
 
 class GradientClipHandler:

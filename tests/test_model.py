@@ -149,3 +149,17 @@ def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
     chunked = ForecastSampler(ForecastScheduler(), 3, guidance_scale=2.0, chunk_size=1).sample(
         net, cond, treatment, horizon, noise)
     assert torch.equal(whole, chunked)
+
+
+def test_lesion_weight_debiasing_inverts_the_weighted_optimum() -> None:
+    scheduler = ForecastScheduler(lesion_weight=20.0)
+    p = torch.tensor([0.0, 0.001, 0.05, 0.5, 0.9, 1.0])
+    w = scheduler.lesion_weight
+    p_weighted = w * p / (w * p + 1 - p)  # minimiser of the lesion-weighted squared error, as a probability
+    recovered = (scheduler.debias_x0(2 * p_weighted - 1) + 1) / 2
+    assert torch.allclose(recovered, p, atol=1e-6)
+    target = mask_to_signal(torch.tensor([0.0, 1.0]))
+    assert scheduler.voxel_weights(target).tolist() == [1.0, 20.0]
+    assert ForecastScheduler().debias_x0(torch.tensor([0.3])).item() == pytest.approx(0.3)  # w = 1: no change
+    with pytest.raises(ValueError):
+        ForecastScheduler(prediction_type="v_prediction", lesion_weight=5.0)
