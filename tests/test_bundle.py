@@ -61,4 +61,4 @@ def test_train_config_parses_and_builds_the_workflow(tiny_cohort) -> None:
     network = parser.get_parsed_content("network_def")
     assert network.cond_channels == len(CONDITION_CHANNELS)
     scheduler = parser.get_parsed_content("noise_scheduler")
-    assert scheduler.prediction_type == "v_prediction"
+    assert scheduler.prediction_type == "sample" and scheduler.lesion_weight > 1
