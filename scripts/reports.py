@@ -44,7 +44,7 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model") -> dict:
     """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series."""
     scalars = read_scalars(tb_dir)
-    wanted = {"train_loss": "training loss (min-SNR weighted v-MSE)", "val_count_mae": "validation NET2 count MAE",
+    wanted = {"train_loss": "training loss (weighted x0 MSE)", "val_count_mae": "validation NET2 count MAE",
               "val_dice": "validation Dice of the forecast mask"}
     present = [tag for tag in wanted if tag in scalars]
     if not present:
