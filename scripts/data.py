@@ -62,6 +62,7 @@ from scripts.constants import (
 __all__ = [
     "CaseError",
     "LoadCased",
+    "CropWeightsFromInputsd",
     "RandDropInputsd",
     "ScaleForegroundPercentilesd",
     "StackConditiond",
@@ -484,6 +485,35 @@ class StackConditiond(MapTransform):
         d["treatment"] = torch.tensor(index, dtype=torch.int64)
         horizon = d.pop("horizon_weeks", None)
         d["horizon"] = torch.tensor(DEFAULT_HORIZON_WEEKS if horizon is None else float(horizon), dtype=torch.float32)
+        return d
+
+
+class CropWeightsFromInputsd(MapTransform):
+    """Crop-sampling weights for training from the inputs alone: 1 everywhere, ``1 + lesion_weight`` on past lesions.
+
+    Writes ``weight_key`` (1, *S) from the past lesion channels of ``cond``. With MONAI's ``RandWeightedCropd`` the
+    training crops then centre more often on past lesions, near which new ones appear, so crops hold more NET2
+    voxels. The weights depend on the inputs only, never on the label, so the distribution of the label given the
+    crop's inputs, which the model learns, is not biased (only how often each kind of surroundings is seen).
+    """
+
+    def __init__(
+        self,
+        key: str = "cond",
+        weight_key: str = "crop_weight",
+        channels: Sequence[str] = ("t2les_0", "t2les_1", "gadles_1", "net2_1"),
+        lesion_weight: float = 10.0,
+    ) -> None:
+        super().__init__([key])
+        self.key, self.weight_key = key, weight_key
+        self.channels = [CONDITION_CHANNELS.index(c) for c in channels]
+        self.lesion_weight = float(lesion_weight)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        cond = _plain(d[self.key])
+        lesions = (cond[self.channels] > 0.5).any(dim=0, keepdim=True).float()
+        d[self.weight_key] = 1.0 + self.lesion_weight * lesions
         return d
 
 

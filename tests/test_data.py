@@ -503,3 +503,17 @@ def test_real_raw_study_is_coregistered_by_affines(shared_data):
         assert displacement(itk_affine_ras(p / "raw" / f"{name}.txt"), flair_world) < 2.0, name
     for study in (1, 2):
         assert displacement(itk_affine_ras(p / "raw" / f"study{study}_FLAIR_to_common_space.txt"), head) > 5.0
+
+
+def test_crop_weights_come_from_inputs_only():
+    cond = torch.zeros((len(CONDITION_CHANNELS), 8, 8, 8))
+    cond[CONDITION_CHANNELS.index("t2les_1"), 2, 2, 2] = 1.0
+    cond[CONDITION_CHANNELS.index("net2_1"), 5, 5, 5] = 1.0
+    label = torch.ones((1, 8, 8, 8))
+    out = D.CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": label})
+    weights = out["crop_weight"]
+    assert weights.shape == (1, 8, 8, 8)
+    assert weights[0, 2, 2, 2] == 11.0 and weights[0, 5, 5, 5] == 11.0
+    assert int((weights == 1.0).sum()) == 8**3 - 2
+    same = D.CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": torch.zeros_like(label)})
+    assert torch.equal(same["crop_weight"], weights)  # the label plays no part
