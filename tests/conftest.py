@@ -29,3 +29,15 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     return Path(generate_cohort(out, n=8, seed=11, shape=32, spacing=6.0, split=(0.5, 0.25, 0.25), progress=False))
+
+
+@pytest.fixture(scope="session")
+def patient01_study1(shared_data: Path) -> dict[str, str]:
+    """Datalist entry of the real patient: its study 1 FLAIR, T1 and T2 (common space) as visit 1, no visit 0."""
+    p = shared_data / "lesjak2016_longitudinal" / "patient01"
+    return {
+        "id": "patient01",
+        "flair_1": str(p / "study1_FLAIR.nii.gz"),
+        "t1_1": str(p / "study1_T1W.nii.gz"),
+        "t2_1": str(p / "study1_T2W.nii.gz"),
+    }

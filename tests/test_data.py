@@ -409,13 +409,10 @@ def round_trip(out: dict[str, Any], mask: torch.Tensor, path: Path) -> nib.Nifti
     return nib.load(D.save_nifti(back, out["reference_affine"], path, np.uint8))
 
 
-def test_real_patient_round_trip(shared_data, tmp_path):
+def test_real_patient_round_trip(shared_data, patient01_study1, tmp_path):
     p = shared_data / "lesjak2016_longitudinal" / "patient01"
     case = {
-        "id": "patient01",
-        "flair_1": str(p / "study1_FLAIR.nii.gz"),
-        "t1_1": str(p / "study1_T1W.nii.gz"),
-        "t2_1": str(p / "study1_T2W.nii.gz"),
+        **patient01_study1,
         "t2les_1": str(p / "gt.nii.gz"),  # a real lesion mask through the mask path
         "label": str(p / "brainmask.nii.gz"),
     }

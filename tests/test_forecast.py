@@ -136,12 +136,9 @@ def test_bad_case_is_reported_and_leaves_nothing(tiny_cohort: Path, small_weight
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in bundle/models/model.pt")
-def test_real_patient_all_arms_on_its_grid(shared_data: Path, tmp_path: Path) -> None:
-    patient = shared_data / "lesjak2016_longitudinal" / "patient01"
+def test_real_patient_all_arms_on_its_grid(patient01_study1: dict[str, str], tmp_path: Path) -> None:
+    """No visit 0, no treatment given: all six arms, written on the FLAIR's own (LPS, anisotropic) grid."""
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"testing": [{
-        "id": "patient01", "flair_1": str(patient / "study1_FLAIR.nii.gz"), "t1_1": str(patient / "study1_T1W.nii.gz"),
-        "t2_1": str(patient / "study1_T2W.nii.gz"),
-    }]}))
+    datalist.write_text(json.dumps({"testing": [patient01_study1]}))
     _forecast(["--datalist", str(datalist), "--output_dir", str(tmp_path / "out"), *FAST])
-    _check_case_outputs(tmp_path / "out" / "patient01", patient / "study1_FLAIR.nii.gz", list(ARMS), num_samples=2)
+    _check_case_outputs(tmp_path / "out" / "patient01", Path(patient01_study1["flair_1"]), list(ARMS), num_samples=2)

@@ -323,13 +323,10 @@ def test_lesion_regions_on_synthetic_events(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_real_patient01(shared_data: Path) -> None:
+def test_real_patient01(shared_data: Path, patient01_study1: dict[str, str]) -> None:
     p = shared_data / "lesjak2016_longitudinal" / "patient01"
     entry = {
-        "id": "patient01",
-        "flair_1": str(p / "study1_FLAIR.nii.gz"),
-        "t1_1": str(p / "study1_T1W.nii.gz"),
-        "t2_1": str(p / "study1_T2W.nii.gz"),
+        **patient01_study1,
         "label": str(p / "brainmask.nii.gz"),  # the expert brain mask rides along as the label (binary resampling)
     }
     data = run_pipeline(entry)
