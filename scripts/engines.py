@@ -93,7 +93,7 @@ class DiffusionPrepareBatch(PrepareBatch):
         x_t = self.scheduler.add_noise(x0, noise, timesteps)
         target = self.scheduler.training_target(x0, noise, timesteps)
         weight = self.scheduler.loss_weights(timesteps).to(x0.dtype).reshape(n, *([1] * (x0.ndim - 1)))
-        if getattr(self.scheduler, "lesion_weight", 1.0) != 1.0:
+        if self.scheduler.lesion_weight != 1.0:
             weight = weight * self.scheduler.voxel_weights(x0)
         if self.treatment_dropout > 0:
             dropped = torch.rand(n, device=x0.device) < self.treatment_dropout

@@ -50,8 +50,9 @@ def describe_lesions(mask: np.ndarray, affine: np.ndarray, prob: np.ndarray | No
     if count == 0:
         return []
     index = np.arange(1, count + 1)
-    voxels = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    centroids = np.asarray(ndimage.center_of_mass(np.ones_like(labels), labels, index), dtype=np.float64)
+    inside = labels > 0
+    voxels = ndimage.sum_labels(inside, labels, index)
+    centroids = np.asarray(ndimage.center_of_mass(inside, labels, index), dtype=np.float64)
     affine = np.asarray(affine, dtype=np.float64)
     world = centroids @ affine[:3, :3].T + affine[:3, 3]
     unit = voxel_volume_mm3(affine)

@@ -45,6 +45,10 @@ def test_metadata_describes_channels_arms_and_version() -> None:
 def test_training_configs_share_the_network_and_grid() -> None:
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     baseline = ConfigParser.load_config_file(CONFIGS / "train_deterministic.json")
+    inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    # the shipped weights are trained with train.json and loaded with inference.json
+    for key in ("network_def", "noise_scheduler", "spatial_size", "spacing"):
+        assert inference[key] == train[key], key
     diffusion_net = dict(train["network_def"], _target_=None)
     baseline_net = dict(baseline["network_def"], _target_=None)
     assert diffusion_net == baseline_net
