@@ -32,6 +32,7 @@ or the registration folded into their affines, before they form one case.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -61,6 +62,8 @@ from scripts.constants import (
 
 __all__ = [
     "CaseError",
+    "DatalistError",
+    "InputError",
     "LoadCased",
     "CropWeightsFromInputsd",
     "RandDropInputsd",
@@ -68,7 +71,9 @@ __all__ = [
     "StackConditiond",
     "ToReferenceGridd",
     "ToWorkingGridd",
+    "fields_of_view_overlap",
     "find_case_error",
+    "find_error",
     "find_reference_key",
     "foreground_mask",
     "load_datalist",
@@ -78,6 +83,7 @@ __all__ = [
     "to_reference_grid",
     "validate_case",
     "working_affine",
+    "world_bounding_box",
 ]
 
 LOADED_KEYS: tuple[str, ...] = IMAGE_KEYS + (LABEL_KEY,)
@@ -89,13 +95,25 @@ VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
 # channel of each image key's volume and of its availability indicator in ``cond``
 VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
 AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {"training": ("treatment", LABEL_KEY), "validation": (LABEL_KEY,)}
+"""Keys every entry of a split must hold besides ``id`` and a visit-1 MRI (training learns from both; validation
+scores against the label). Forecasting (``testing``) needs neither."""
 
 
-class CaseError(ValueError):
+def _one_line(text: object) -> str:
+    """``text`` on one line: reader and OS messages may span several, but a report holds one line per failure."""
+    return " ".join(str(text).splitlines())
+
+
+class InputError(ValueError):
+    """A bad input the user must fix (datalist, image, checkpoint); commands report it in one line, no traceback."""
+
+
+class CaseError(InputError):
     """A bad input of one case; ``str()`` is one line naming the case id, the input key and the reason."""
 
     def __init__(self, case_id: str, key: str, reason: str) -> None:
-        self.case_id, self.key, self.reason = str(case_id), str(key), str(reason)
+        self.case_id, self.key, self.reason = str(case_id), _one_line(key), _one_line(reason)
         super().__init__(f"case {self.case_id!r}: {self.key}: {self.reason}")
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
@@ -103,15 +121,31 @@ class CaseError(ValueError):
         return (type(self), (self.case_id, self.key, self.reason))
 
 
-def find_case_error(error: BaseException | None) -> CaseError | None:
-    """The :class:`CaseError` behind ``error``, if any (MONAI's ``Compose`` re-raises as ``RuntimeError``)."""
+class DatalistError(InputError):
+    """A datalist file that cannot be used at all (missing, not JSON, no such split); names the file."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path, self.reason = str(path), _one_line(reason)
+        super().__init__(f"datalist {self.path}: {self.reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
+
+
+def find_error(error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]) -> Any:
+    """The first exception of type ``kind`` in the cause / context chain of ``error`` (itself included), or None."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, CaseError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def find_case_error(error: BaseException | None) -> CaseError | None:
+    """The :class:`CaseError` behind ``error``, if any (MONAI's ``Compose`` re-raises as ``RuntimeError``)."""
+    return find_error(error, CaseError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,11 +158,25 @@ def find_reference_key(case: Mapping[Hashable, Any]) -> str | None:
     return next((k for k in REFERENCE_KEY_PRIORITY if case.get(k) is not None), None)
 
 
-def validate_case(case: Any, base_dir: str | os.PathLike[str], index: int = 0) -> dict[str, Any]:
+def validate_case(
+    case: Any,
+    base_dir: str | os.PathLike[str],
+    index: int = 0,
+    horizon_range: Sequence[float] | None = None,
+    required: Sequence[str] = (),
+) -> dict[str, Any]:
     """Check one datalist entry and return a normalised copy.
 
     Null image keys are dropped, image paths become absolute (relative ones are resolved against ``base_dir``),
     ``horizon_weeks`` is filled with its default. Other keys are kept unchanged.
+
+    Args:
+        case: the datalist entry.
+        base_dir: folder that relative image paths start from.
+        index: position of the entry (names a case without an id).
+        horizon_range: ``(low, high)`` weeks the model was trained on; a horizon outside is refused (None: any
+            positive horizon).
+        required: keys the entry must hold (e.g. ``treatment`` and ``label`` for training).
 
     Raises:
         CaseError: naming the case id (``#index`` when it has none), the offending key and the reason.
@@ -136,11 +184,16 @@ def validate_case(case: Any, base_dir: str | os.PathLike[str], index: int = 0) -
     if not isinstance(case, Mapping):
         raise CaseError(f"#{index}", "entry", f"expected a JSON object, got {type(case).__name__}")
     case_id = case.get("id")
+    if case_id is None:
+        raise CaseError(f"#{index}", "id", "required key missing (a non-empty string naming the case)")
     if not isinstance(case_id, str) or not case_id.strip():
-        raise CaseError(f"#{index}" if case_id is None else case_id, "id", "must be a non-empty string")
+        raise CaseError(str(case_id), "id", "must be a non-empty string")
     # the id names the case's output folder, so it must not escape or alias it
     if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
         raise CaseError(case_id, "id", "must be usable as a folder name (no '/', '\\', '.' or '..')")
+    for key in required:
+        if case.get(key) is None:
+            raise CaseError(case_id, key, "required key missing")
     out: dict[str, Any] = {k: v for k, v in case.items() if k not in LOADED_KEYS}
     for key in LOADED_KEYS:
         value = case.get(key)
@@ -169,12 +222,46 @@ def validate_case(case: Any, base_dir: str | os.PathLike[str], index: int = 0) -
     # bool is an int subclass in Python, but "true weeks" is certainly a mistake
     if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon <= 0:
         raise CaseError(case_id, "horizon_weeks", f"must be a positive number of weeks, got {horizon!r}")
+    if horizon_range is not None:
+        low, high = (float(v) for v in horizon_range)
+        # the network has never seen other horizons: its forecast there is an extrapolation nobody validated
+        if not low <= float(horizon) <= high:
+            raise CaseError(case_id, "horizon_weeks",
+                            f"{horizon:g} weeks is outside the trained range [{low:g}, {high:g}] weeks")
     out["horizon_weeks"] = float(horizon)
     return out
 
 
+def _read_datalist(path: Path, split: str) -> list[Any]:
+    """The ``split`` list of the JSON datalist at ``path``; :class:`DatalistError` for any problem with the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatalistError(path, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise DatalistError(path, f"not a JSON text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise DatalistError(path, f"cannot be read: {err.strerror or err}") from None
+    try:
+        datalist = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatalistError(path, f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    if not isinstance(datalist, dict):
+        raise DatalistError(path, f"expected a JSON object with a list {split!r}, got a {type(datalist).__name__}")
+    if split not in datalist:
+        found = ", ".join(repr(k) for k in datalist) or "none"
+        raise DatalistError(path, f"no list {split!r} in the datalist (top-level keys: {found})")
+    if not isinstance(datalist[split], list):
+        raise DatalistError(path, f"{split!r} must be a list of cases, got a {type(datalist[split]).__name__}")
+    return datalist[split]
+
+
 def load_datalist(
-    path: str | os.PathLike[str], split: str, errors: list[CaseError] | None = None
+    path: str | os.PathLike[str],
+    split: str,
+    errors: list[CaseError] | None = None,
+    horizon_range: Sequence[float] | None = None,
+    required: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Read the ``split`` list (``training``/``validation``/``testing``) of a JSON datalist and validate each case.
 
@@ -185,20 +272,21 @@ def load_datalist(
         split: top-level list to read.
         errors: when given, invalid cases are appended to it and skipped instead of raising, so a command can
             process the good cases and report the bad ones.
+        horizon_range: trained ``(low, high)`` horizon in weeks; cases outside are invalid (None: no limit).
+        required: keys every entry must hold; None: :data:`REQUIRED_KEYS` of the split.
 
     Raises:
-        CaseError: for the first invalid case (unless ``errors`` is given); ValueError for a malformed file.
+        DatalistError: the file is missing, not JSON or has no list ``split`` (a ValueError).
+        CaseError: for the first invalid case (unless ``errors`` is given).
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        datalist = json.load(f)
-    if not isinstance(datalist, dict) or not isinstance(datalist.get(split), list):
-        raise ValueError(f"{path}: no list {split!r} in the datalist")
+    entries = _read_datalist(path, split)
+    required = REQUIRED_KEYS.get(split, ()) if required is None else tuple(required)
     cases: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    for index, entry in enumerate(datalist[split]):
+    for index, entry in enumerate(entries):
         try:
-            case = validate_case(entry, path.parent, index)
+            case = validate_case(entry, path.parent, index, horizon_range=horizon_range, required=required)
             if case["id"] in seen:
                 raise CaseError(case["id"], "id", f"duplicate id (entries #{seen[case['id']]} and #{index})")
         except CaseError as err:
@@ -225,10 +313,18 @@ class LoadCased(LoadImaged):
     intensities; the field-of-view centre when there is none).
 
     Raises:
-        CaseError: a file that cannot be read, is not a 3D volume or has a singular affine; no visit-1 MRI.
+        CaseError: a file that cannot be read (missing, truncated, not NIfTI), is not a 3D volume, has a singular
+            affine or NaN / infinite voxels; an MRI (``mri_keys``) whose voxels are all equal (e.g. all zero: masks
+            may be empty, an MRI may not); an image whose field of view does not overlap the reference image's
+            (not in the case's world space); no visit-1 MRI.
     """
 
-    def __init__(self, keys: KeysCollection = LOADED_KEYS, allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = LOADED_KEYS,
+        allow_missing_keys: bool = True,
+        mri_keys: Sequence[str] = MRI_KEYS,
+    ) -> None:
         super().__init__(
             keys,
             reader="NibabelReader",
@@ -237,6 +333,7 @@ class LoadCased(LoadImaged):
             ensure_channel_first=True,
             allow_missing_keys=allow_missing_keys,
         )
+        self.mri_keys = tuple(mri_keys)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         d = {k: v for k, v in data.items() if not (k in self.keys and v is None)}
@@ -249,20 +346,109 @@ class LoadCased(LoadImaged):
             try:
                 img = self._loader(d[key], reader)
             except Exception as err:  # any reader failure is a bad input of this case
-                raise CaseError(case_id, str(key), f"cannot read {d[key]}: {err}") from err
+                raise CaseError(case_id, str(key), f"cannot read {d[key]}: {_read_problem(d[key], err)}") from err
             if img.ndim != 4 or img.shape[0] != 1:
-                raise CaseError(case_id, str(key), f"expected a 3D volume, got shape {tuple(img.shape)}")
+                shape = _file_shape(d[key], img)
+                raise CaseError(case_id, str(key), f"expected a 3D volume, got a {len(shape)}D image of shape {shape}")
             affine = img.affine.numpy()
             if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
                 raise CaseError(case_id, str(key), "the NIfTI affine is singular or not finite")
+            self._check_voxels(case_id, str(key), img.as_tensor().numpy())
             d[key] = img
         ref = d[reference_key]
+        ref_affine, ref_shape = ref.affine.numpy(), tuple(ref.shape[1:])
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key != reference_key and not fields_of_view_overlap(img.affine.numpy(), img.shape[1:], ref_affine,
+                                                                   ref_shape):
+                raise CaseError(
+                    case_id, str(key),
+                    f"its field of view {_box_text(world_bounding_box(img.affine.numpy(), img.shape[1:]))} does not "
+                    f"overlap that of {reference_key} {_box_text(world_bounding_box(ref_affine, ref_shape))}: the "
+                    "images of a case must lie in one world space (co-registered)",
+                )
         d["reference_key"] = reference_key
         d["reference_path"] = reference_path
         d["reference_affine"] = ref.affine.detach().clone().to(torch.float64)
         d["reference_shape"] = torch.tensor(ref.shape[1:], dtype=torch.int64)
         d["reference_centre"] = torch.from_numpy(_foreground_centre_mm(np.asarray(ref[0]), affine=ref.affine.numpy()))
         return d
+
+    def _check_voxels(self, case_id: str, key: str, array: np.ndarray) -> None:
+        """Refuse NaN / infinite voxels (they would spread through interpolation) and MRI without any contrast."""
+        finite = np.isfinite(array)
+        if not finite.all():
+            n_nan = int(np.isnan(array).sum())
+            n_inf = int(array.size - finite.sum()) - n_nan
+            raise CaseError(case_id, key, f"{n_nan} NaN and {n_inf} infinite voxel(s) of {array.size}")
+        # masks may be empty (no lesion), but an MRI with a single value carries no image at all
+        if key in self.mri_keys and array.size and float(array.min()) == float(array.max()):
+            value = float(array.flat[0])
+            raise CaseError(case_id, key, "all voxels are 0 (an empty image)" if value == 0 else
+                            f"all voxels equal {value:g} (an image without contrast)")
+
+
+def _read_problem(path: Any, error: Exception) -> str:
+    """Why ``path`` cannot be read, in nibabel's words.
+
+    When nibabel fails, MONAI's ``LoadImage`` tries its other readers and raises "cannot find a suitable reader ...
+    please install the reader libraries" with every reader's traceback: long, and misleading for a broken file.
+    """
+    try:
+        image = nib.load(str(path))
+        np.asanyarray(image.dataobj)
+    except Exception as nib_error:  # the message is all that is wanted
+        return str(nib_error)
+    return str(error)
+
+
+def _file_shape(path: Any, img: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the image as stored in the file (the loaded one has a channel first)."""
+    try:
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception:  # only for a message: fall back to the loaded shape
+        return tuple(int(s) for s in img.shape)
+
+
+def world_bounding_box(affine: np.ndarray | torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+    """World (mm) axis-aligned box ``[[x0, y0, z0], [x1, y1, z1]]`` around a grid's field of view (voxel edges)."""
+    corners = _grid_corners(shape)
+    world = corners @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine, dtype=np.float64)[:3, 3]
+    return np.stack([world.min(0), world.max(0)])
+
+
+def _grid_corners(shape: Sequence[int]) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` of a grid's field of view in voxel coordinates (outer voxel edges)."""
+    return np.array(list(itertools.product(*[(-0.5, int(n) - 0.5) for n in list(shape)[:3]])), dtype=np.float64)
+
+
+def _overlaps_in_grid_of(affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray,
+                         shape_b: Sequence[int], tolerance: float) -> bool:
+    """Whether b's field of view, boxed in a's voxel axes, overlaps a's by more than ``tolerance`` voxels per axis."""
+    b_in_a = np.linalg.inv(np.asarray(affine_a, dtype=np.float64)) @ np.asarray(affine_b, dtype=np.float64)
+    corners = _grid_corners(shape_b) @ b_in_a[:3, :3].T + b_in_a[:3, 3]
+    low = np.maximum(corners.min(0), -0.5)
+    high = np.minimum(corners.max(0), np.asarray(list(shape_a)[:3], dtype=np.float64) - 0.5)
+    return bool(np.all(high - low > tolerance))
+
+
+def fields_of_view_overlap(affine_a: np.ndarray | torch.Tensor, shape_a: Sequence[int],
+                           affine_b: np.ndarray | torch.Tensor, shape_b: Sequence[int],
+                           tolerance: float = 1e-3) -> bool:
+    """Whether two grids' fields of view (parallelepipeds in world space) overlap.
+
+    Each box is tested in the other's voxel axes (the separating-axis test on both boxes' face normals): exact for
+    grids with parallel axes, and for oblique ones it may call boxes that only nearly touch overlapping, never the
+    reverse, so a co-registered case is never refused.
+    """
+    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    return (_overlaps_in_grid_of(a, shape_a, b, shape_b, tolerance)
+            and _overlaps_in_grid_of(b, shape_b, a, shape_a, tolerance))
+
+
+def _box_text(box: np.ndarray) -> str:
+    """A world box as ``[x0..x1, y0..y1, z0..z1] mm`` (one line)."""
+    return "[" + ", ".join(f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(box[0], box[1], strict=True)) + "] mm"
 
 
 # ----------------------------------------------------------------------------------------------------------------

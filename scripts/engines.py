@@ -22,11 +22,16 @@ import glob
 import logging
 import os
 import re
-from collections.abc import Mapping
+import stat
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
@@ -90,7 +95,7 @@ class DiffusionPrepareBatch(PrepareBatch):
         n = x0.shape[0]
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        x_t = self.scheduler.scale_model_input(self.scheduler.add_noise(x0, noise, timesteps), timesteps)
         target = self.scheduler.training_target(x0, noise, timesteps)
         weight = self.scheduler.loss_weights(timesteps).to(x0.dtype).reshape(n, *([1] * (x0.ndim - 1)))
         if self.scheduler.lesion_weight != 1.0:
@@ -110,6 +115,19 @@ class WeightedMSELoss(torch.nn.Module):
         return (target.weight.float() * error).mean()
 
 
+class WeightedBCEWithLogitsLoss(torch.nn.Module):
+    """Mean of weight * binary cross-entropy of mask logits against a {-1, +1} mask signal (``mask_logits``).
+
+    For a binary target it has the same minimiser as the squared x0 error, the posterior p(lesion), but its
+    gradient does not vanish when a confident logit is wrong.
+    """
+
+    def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
+        labels = (target.target.float() > 0).float()
+        error = torch.nn.functional.binary_cross_entropy_with_logits(pred.float(), labels, reduction="none")
+        return (target.weight.float() * error).mean()
+
+
 class GradientClipHandler:
     """Clip the gradient norm after backward and before the optimizer step (unscaling first under AMP)."""
 
@@ -126,26 +144,111 @@ class GradientClipHandler:
         engine.state.grad_norm = float(norm)
 
 
+def epoch_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[tuple[int, str]]:
+    """``(epoch, path)`` of every ``{prefix}_epoch=N.pt`` in ``ckpt_dir``, by epoch."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(str(ckpt_dir)), f"{prefix}_epoch=*.pt")):
+        match = re.search(r"_epoch=(\d+)\.pt$", path)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
     """Path of the checkpoint with the highest epoch in ``ckpt_dir`` (``{prefix}_epoch=N.pt``), or None."""
-    best, best_epoch = None, -1
-    for path in glob.glob(os.path.join(ckpt_dir, f"{prefix}_epoch=*.pt")):
-        match = re.search(r"_epoch=(\d+)\.pt$", path)
-        if match and int(match.group(1)) > best_epoch:
-            best, best_epoch = path, int(match.group(1))
-    return best
+    found = epoch_checkpoints(ckpt_dir, prefix)
+    return found[-1][1] if found else None
 
 
-class TrainerCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` that also saves the state of the engine it is attached to under ``"trainer"``.
+TEMP_CHECKPOINT = re.compile(r"^\..+\.pt\.[A-Za-z0-9_]+\.tmp$")
+"""Name of a checkpoint being written by :class:`AtomicDiskSaver` (``.<name>.pt.<random>.tmp``)."""
+
+
+class AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` that writes ``.<name>.<random>.tmp``, syncs it and renames it to ``<name>``.
+
+    A run killed while saving leaves at most that hidden temporary file (removed by the next resume, see
+    :func:`remove_temporary_checkpoints`), never a half written checkpoint under a checkpoint's name. ``filename``
+    fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g. ``model.pt``).
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dirname)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                func(checkpoint, handle, **self.kwargs)
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must not reach the disk before the data (power loss)
+            # mkstemp creates 0600; a checkpoint is readable like any other file the user writes
+            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose every file (interval, final, key metric) is written atomically.
+
+    MONAI's saver writes in place (``atomic=False``), so a run killed mid-save leaves a truncated checkpoint, which
+    the next resume would then pick as the newest. Here every save goes through :class:`AtomicDiskSaver`.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename=fixed)
+
+
+class TrainerCheckpointSaver(AtomicCheckpointSaver):
+    """Atomic checkpoint saver that also saves the state of the engine it is attached to under ``"trainer"``.
 
     The trainer cannot be named in its own handler's config (a circular reference), so it joins at ``attach``.
-    Saving goes through ignite's atomic disk saver: a checkpoint is written to a temporary file and renamed.
+    Each checkpoint is written to a temporary file and renamed (:class:`AtomicDiskSaver`); with ``n_saved`` the
+    older one is deleted only after the new one is in place, so a complete checkpoint exists at every moment.
     """
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
         super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._count_earlier_checkpoints)
+
+    def _count_earlier_checkpoints(self, engine: Engine) -> None:
+        """On a resumed run, count the checkpoints already on disk against ``n_saved``.
+
+        ignite only deletes the files it saved itself, so without this the checkpoint a run resumed from would stay
+        forever next to the new ones.
+        """
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or not self.epoch_level or engine.state.epoch == 0:
+            return
+        earlier = [(epoch, os.path.basename(path)) for epoch, path in epoch_checkpoints(self.save_dir)
+                   if epoch <= engine.state.epoch]
+        # the state's key is "saved" or "_saved", depending on the ignite version
+        checkpoint.load_state_dict({key: earlier for key in checkpoint.state_dict()})
+
+
+def remove_temporary_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of checkpoints whose writing was killed (see :class:`AtomicDiskSaver`)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if p.is_file() and TEMP_CHECKPOINT.match(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 class ResumeFromCheckpoint:
@@ -153,7 +256,8 @@ class ResumeFromCheckpoint:
 
     It loads every object of ``load_dict`` (network, EMA, optimizer, learning-rate schedule) and the state of the
     engine it is attached to (epoch, iteration) through MONAI's ``CheckpointLoader``; the trainer then continues at
-    epoch N + 1.
+    epoch N + 1. A run killed mid-epoch thus repeats that epoch from its start. Temporary files of a save that was
+    killed are deleted first.
     """
 
     def __init__(self, ckpt_dir: str, load_dict: dict, map_location: Any = None, enabled: bool = True) -> None:
@@ -163,6 +267,11 @@ class ResumeFromCheckpoint:
         self.enabled = enabled
 
     def attach(self, engine: Engine) -> None:
+        # before training, no save is in progress: a temporary checkpoint file is a killed run's leftover (rank 0
+        # alone saves, so it alone cleans)
+        if idist.get_rank() == 0:
+            for path in remove_temporary_checkpoints(self.ckpt_dir):
+                logger.info("removed %s, a checkpoint whose writing was interrupted", path)
         path = latest_checkpoint(self.ckpt_dir) if self.enabled else None
         if path is None:
             logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)

@@ -14,6 +14,9 @@ For each case of the datalist split, ``ForecastRunner``:
    folder that is renamed to ``O/<id>`` only when everything is written, so a failed case leaves nothing behind;
 6. at the end writes ``O/summary.csv`` (one row per case and arm) and, if any case failed, raises an error that
    names every failed case, its input key and the reason (the command then exits non-zero).
+
+Faults: a case whose ``O/<id>/forecast.json`` exists is skipped unless ``overwrite``; temporary files and folders
+(``O/.<name>.tmp-<pid>@<host>-*``) that a killed run left behind are removed by the next run.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -34,7 +41,15 @@ import torch
 from tqdm.auto import tqdm
 
 from scripts.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
-from scripts.data import CaseError, find_case_error, load_datalist, save_nifti, to_reference_grid
+from scripts.data import (
+    CaseError,
+    InputError,
+    find_case_error,
+    find_error,
+    load_datalist,
+    save_nifti,
+    to_reference_grid,
+)
 from scripts.lesions import count_lesions, describe_lesions, voxel_volume_mm3
 
 logger = logging.getLogger(__name__)
@@ -48,6 +63,75 @@ SUMMARY_FIELDS = (
 
 class ForecastFailed(RuntimeError):
     """Raised after all cases are done when at least one case failed; the message lists every failure."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used with the configured network (missing, unreadable, other architecture)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a ``FileNotFoundError``)."""
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]+)-[^/]*$")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix for a temporary file or folder standing in for ``name`` in the output folder, owned by this process.
+
+    Process id and host are in the name so that a later run can tell a killed run's leftovers from the work of a
+    run still in progress on the same folder.
+    """
+    return f".{name}.tmp-{os.getpid()}@{_HOST}-"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporaries (see :func:`temp_prefix`) left in ``folder`` by dead processes of this host; returns them."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != _HOST or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def install_error_hook() -> None:
+    """Report a bad input (:class:`InputError`, :class:`ForecastFailed`) as its message alone, without a traceback.
+
+    MONAI's config parser wraps every error of an expression in ``RuntimeError("Failed to evaluate ...")``, so the
+    uncaught error's last line would not say what is wrong. The exit status stays 1; other errors keep their traceback.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "reports_input_errors", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        found = find_error(error, (InputError, ForecastFailed))
+        if found is None:
+            previous(kind, error, traceback)
+        else:
+            print(f"ERROR: {found}", file=sys.stderr, flush=True)
+
+    hook.reports_input_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def summarize_arm(samples: np.ndarray, working_affine: np.ndarray) -> dict[str, Any]:
@@ -98,16 +182,16 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     """Load a state dict (or a checkpoint holding one under ``model``/``ema``/``network``) into ``network``.
 
     Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint does not match the network; the message names missing, unexpected and
-            mis-shaped parameters.
+        CheckpointNotFound: the checkpoint does not exist (a ``FileNotFoundError``).
+        CheckpointError: the checkpoint cannot be read or does not match the network (a ``ValueError``); the
+            message names the file and the missing, unexpected and mis-shaped parameters (with both shapes).
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise CheckpointNotFound(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
-        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(err).splitlines())}") from err
     for key in ("model", "ema", "network"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -120,10 +204,13 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
         def head(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
+        shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)})"
+                  for k in mis_shaped]
         details = [f"{label}: {head(keys)}" for label, keys in
-                   (("missing", missing), ("unexpected", unexpected), ("shape differs", mis_shaped)) if keys]
-        raise ValueError(f"checkpoint {path} does not match the network ({type(network).__name__}): "
-                         + "; ".join(details))
+                   (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys]
+        # one line: the command prints it as the whole report
+        raise CheckpointError(f"checkpoint {path} does not match the network ({type(network).__name__}; was it "
+                              "trained with other network_def settings?): " + "; ".join(details))
     network.load_state_dict(state)
 
 
@@ -143,6 +230,13 @@ class ForecastRunner:
         device: torch device.
         overwrite: re-forecast cases whose ``O/<id>/forecast.json`` exists (default: skip them).
         figure: write ``forecast.png``.
+        horizon_range: ``(low, high)`` weeks the network was trained on; cases asking for another horizon fail
+            (None: no limit).
+        case_hooks: callables run for every forecast case before its folder is moved into place, with keyword
+            arguments ``case`` (datalist entry), ``data`` (preprocessed), ``samples`` (binary (A, K, *working grid)),
+            ``forecast`` (``forecast.json`` content), ``probs`` (arm -> probability on the reference grid) and
+            ``regions`` (region map, working grid); e.g. :class:`scripts.evaluation.Evaluator`. A hook that raises
+            fails the case.
     """
 
     def __init__(
@@ -158,6 +252,8 @@ class ForecastRunner:
         device: str | torch.device = "cpu",
         overwrite: bool = False,
         figure: bool = True,
+        horizon_range: Sequence[float] | None = None,
+        case_hooks: Sequence[Callable[..., Any]] | None = None,
     ) -> None:
         self.datalist = datalist
         self.output_dir = Path(output_dir)
@@ -166,22 +262,34 @@ class ForecastRunner:
         self.inferer = inferer
         self.arms = list(ARMS if arms is None else arms)
         for arm in self.arms:
-            arm_index(arm)  # unknown names fail here, listing the valid arms
+            try:
+                arm_index(arm)
+            except ValueError as err:
+                raise InputError(f"treatments: {err}") from None
         if not self.arms:
-            raise ValueError("no treatment arm to forecast")
+            raise InputError("treatments: no treatment arm to forecast")
         if num_samples is not None:
             self.inferer.num_samples = int(num_samples)
         self.split = split
         self.device = torch.device(device)
         self.overwrite = overwrite
         self.figure = figure
+        if horizon_range is not None:
+            low, high = (float(v) for v in horizon_range)
+            if not 0 < low <= high:
+                raise ValueError(f"horizon_range must be (low, high) with 0 < low <= high, got {horizon_range!r}")
+            horizon_range = (low, high)
+        self.horizon_range = horizon_range
+        self.case_hooks = list(case_hooks or [])
 
     def run(self) -> list[dict[str, Any]]:
         """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
         case failed."""
         errors: list[CaseError] = []
-        cases = load_datalist(self.datalist, self.split, errors=errors)
+        cases = load_datalist(self.datalist, self.split, errors=errors, horizon_range=self.horizon_range)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(self.output_dir):
+            logger.info("removed %s, left by an interrupted run", stale)
         self.network.eval()
         logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
                     self.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
@@ -232,16 +340,19 @@ class ForecastRunner:
         regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
         to_working = np.linalg.inv(working_affine)
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=self.output_dir))
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(case_id), dir=self.output_dir))
         try:
             arms_out: dict[str, dict[str, Any]] = {}
             probs_working: dict[str, np.ndarray] = {}
+            probs_reference: dict[str, np.ndarray] = {}
             for a, arm in enumerate(self.arms):
                 figures = summarize_arm(samples[a], working_affine)
                 prob_working = figures.pop("prob_working")
                 probs_working[arm] = prob_working
                 prob = np.clip(to_reference_grid(prob_working, working_affine, reference_affine, reference_shape,
                                                  mode="bilinear"), 0.0, 1.0).astype(np.float32)
+                if self.case_hooks:  # kept only for the hooks: reference grids can be large
+                    probs_reference[arm] = prob
                 mask = (prob >= 0.5).astype(np.uint8)
                 lesions = describe_lesions(mask, reference_affine, prob=prob)
                 for lesion in lesions:
@@ -272,11 +383,11 @@ class ForecastRunner:
                                 title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
                                 mri_name=mri_key, voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
                                 affine=working_affine)
+            # hooks (the evaluation) see the samples without them being saved
+            for hook in self.case_hooks:
+                hook(case=case, data=data, samples=samples, forecast=forecast, probs=probs_reference, regions=regions)
             (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))
-            final = self.output_dir / case_id
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            _move_into_place(staging, self.output_dir / case_id)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -287,6 +398,25 @@ class ForecastRunner:
             time.perf_counter() - start,
         )
         return forecast
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished ``staging`` folder to ``final``, replacing an older one.
+
+    The old folder is first renamed aside, not deleted in place: a run killed while deleting it would otherwise
+    leave a partial folder that still holds ``forecast.json`` and so would be taken for finished.
+    """
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    aside = final.parent / f"{temp_prefix(final.name)}replaced"
+    os.replace(final, aside)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -310,7 +440,7 @@ def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def write_summary(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Write ``summary.csv`` atomically (empty fields for undefined effects)."""
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".csv", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)

@@ -31,6 +31,7 @@ class ForecastInferer(Inferer):
         arms: arm names to forecast every case under; None forecasts the ``treatment`` passed at call time.
         seed: seed of the starting noise (None: torch's global generator).
         progress: progress bar over denoising steps.
+        channels_last, precision, compile: speed switches of :class:`scripts.sampler.ForecastSampler`.
 
     Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None)`` with ``inputs`` the (B, C, *spatial)
     conditioning volumes. Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
@@ -47,9 +48,13 @@ class ForecastInferer(Inferer):
         arms: Sequence[str] | None = None,
         seed: int | None = 0,
         progress: bool = False,
+        channels_last: bool = True,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress)
+        self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress,
+                                       channels_last=channels_last, precision=precision, compile=compile)
         self.num_samples = int(num_samples)
         self.arms = list(arms) if arms is not None else None
         self.seed = seed
@@ -84,6 +89,7 @@ class ForecastInferer(Inferer):
             generator = torch.Generator(device=device).manual_seed(int(self.seed))
         noise = torch.randn((b, 1, k, 1, *cond.shape[2:]), generator=generator, device=device)
         rows = b * a * k
+        # for one case the row-wise condition stays a broadcast view (stride 0): the sampler copies chunks only
         samples = self.sampler.sample(
             network,
             cond[:, None, None].expand(b, a, k, *cond.shape[1:]).reshape(rows, *cond.shape[1:]),

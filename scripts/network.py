@@ -12,6 +12,15 @@ Patch embedding (as in *simple diffusion*, Hoogeboom et al. 2023): a strided con
 the input to ``channels[0]`` features and a transposed convolution maps the U-Net's output back to voxels. The U-Net
 then runs at half the resolution, eight times cheaper, which is what lets a 64^3 model train and sample on a CPU;
 the patch features are learned, so the voxel detail of small lesions is kept rather than averaged away.
+
+Full-resolution output head (:class:`VoxelHead`): the U-Net's features, unembedded to voxels, are concatenated with
+the noisy NET2 signal itself and pass through two 3x3x3 convolutions modulated by the time, treatment and horizon
+embedding. Without it the noisy signal reaches the output only through the patch embedding, where its 8 voxels per
+patch share ``channels[0]`` features with the 240 conditioning values: a first CPU run (5000 iterations, no head)
+learned to ignore the noisy input altogether, so even nearly clean lesions were not denoised and every sample came
+out empty. A NET2 lesion is a few voxels at the working resolution; telling one from noise is a local, voxel-scale
+decision (a matched filter over the noisy signal, biased by the U-Net's prior from the past visits and treatment),
+which is what the head computes.
 """
 
 from __future__ import annotations
@@ -57,6 +66,35 @@ class TreatmentHorizonEmbedding(nn.Module):
         return self.treatment(treatment) + self.horizon(horizon.to(self.horizon[0].weight.dtype))
 
 
+class VoxelHead(nn.Module):
+    """Full-resolution head: features + noisy signal -> conv3 -> FiLM(embedding) -> SiLU -> conv3 -> prediction.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        feature_channels: channels of the unembedded U-Net features.
+        noisy_channels: channels of the noisy signal concatenated to them (0 for the deterministic baseline).
+        hidden_channels: width of the head.
+        out_channels: channels of the prediction.
+        embed_dim: size of the time/condition embedding that modulates the head.
+    """
+
+    def __init__(
+        self, spatial_dims: int, feature_channels: int, noisy_channels: int, hidden_channels: int, out_channels: int,
+        embed_dim: int,
+    ) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.conv1 = conv(feature_channels + noisy_channels, hidden_channels, 3, padding=1)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * hidden_channels))
+        self.conv2 = conv(hidden_channels, out_channels, 3, padding=1)
+
+    def forward(self, features: torch.Tensor, noisy: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(features if noisy is None else torch.cat([features, noisy.to(features.dtype)], dim=1))
+        emb = emb.expand(h.shape[0], -1) if emb.shape[0] == 1 else emb
+        scale, shift = self.film(emb).to(h.dtype).reshape(h.shape[0], -1, *([1] * (h.ndim - 2))).chunk(2, dim=1)
+        return self.conv2(nn.functional.silu(h * (1 + scale) + shift))
+
+
 class ForecastDiffusionUNet(DiffusionModelUNet):
     """3D diffusion U-Net that denoises a future NET2 mask given past visits, a treatment and a horizon.
 
@@ -88,6 +126,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         use_flash_attention: bool = False,
         noisy_channels: int = 1,
         patch_size: int = 2,
+        head_channels: int = 16,
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -108,10 +147,11 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
         self.patch_embed = conv(noisy_channels + cond_channels, channels[0], patch_size, stride=patch_size)
-        self.patch_unembed = conv_t(channels[0], out_channels, patch_size, stride=patch_size)
+        self.patch_unembed = conv_t(channels[0], head_channels, patch_size, stride=patch_size)
         self.class_embedding = TreatmentHorizonEmbedding(
             embed_dim=channels[0] * 4, num_treatments=NULL_TREATMENT + 1, horizon_scale=horizon_scale
         )
+        self.head = VoxelHead(spatial_dims, head_channels, noisy_channels, head_channels, out_channels, channels[0] * 4)
 
     @staticmethod
     def condition_labels(treatment: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
@@ -129,6 +169,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n = x.shape[0]
+        noisy = x[:, : self.noisy_channels] if self.noisy_channels else None
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         if class_labels is None:
@@ -138,7 +179,12 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
                 raise ValueError("horizon (weeks) is required")
             class_labels = self.condition_labels(treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n))
         h = super().forward(self.patch_embed(x), timesteps, context=context, class_labels=class_labels)
-        return self.patch_unembed(h)
+        return self.head(self.patch_unembed(h), noisy, self.embedding(timesteps, class_labels, x.dtype))
+
+    def embedding(self, timesteps: torch.Tensor, class_labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The time + treatment/horizon embedding the U-Net adds in every residual block (recomputed for the head)."""
+        t_emb = get_timestep_embedding(timesteps.reshape(-1), self.block_out_channels[0]).to(dtype)
+        return self.time_embed(t_emb) + self.class_embedding(class_labels).to(dtype)
 
 
 class DeterministicForecastNet(ForecastDiffusionUNet):

@@ -3,11 +3,26 @@
 ``ForecastSampler`` knows nothing about cases, arms or files: it takes a batch of conditioning volumes with one
 treatment and horizon per row and returns one binary sample per row. Callers (the validation inferer, the forecast
 inferer) lay out rows as (case, arm, sample) and batch them; this module only decides how each row is denoised.
+
+Speed switches (measured in ``bundle/docs/performance.md``; ``python -m scripts.benchmark``):
+
+* ``torch.inference_mode`` around the whole reverse process (no autograd bookkeeping);
+* ``channels_last``: the network's convolution weights in channels-last (NDHWC) layout; oneDNN then keeps every
+  activation in that layout, its native one on CPU, instead of converting around each convolution. The inputs
+  are left alone: the network concatenates the one-channel noisy signal with the condition, and that
+  concatenation comes out contiguous whatever the inputs' layout, so converting them would only copy;
+* ``precision="bfloat16"``: the network under bfloat16 autocast (the scheduler step stays float32);
+* ``compile``: ``torch.compile`` of the network (off by default: see the performance notes);
+* ``chunk_size``: at most this many rows per network call, the knob that bounds peak memory. Chunks are sliced
+  lazily from the (possibly broadcast, stride-0) condition tensor, so the condition of a case is never copied once
+  per row; with guidance the conditional and unconditional rows are gathered chunk by chunk as well.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +30,37 @@ from tqdm.auto import tqdm
 
 from scripts.constants import NULL_TREATMENT
 from scripts.scheduler import ForecastScheduler, signal_to_mask
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on a CPU with native bfloat16 (measured faster there, same forecasts; see
+    ``bundle/docs/performance.md``), else ``"float32"`` (GPUs included: not measured yet). Others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def _rows(v: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the virtual concatenation ``[v, v]`` (``n`` rows each), copying only when they span
+    both halves."""
+    if stop <= n:
+        return v[start:stop]
+    if start >= n:
+        return v[start - n:stop - n]
+    return torch.cat([v[start:], v[:stop - n]])
 
 
 class ForecastSampler:
@@ -27,6 +73,10 @@ class ForecastSampler:
             w = 1 (default) guidance is off and each step costs one network evaluation per row.
         chunk_size: at most this many rows per network call (memory bound); None for all at once.
         progress: show a progress bar over the denoising steps.
+        channels_last: run the network in channels-last memory format (3D/2D inputs).
+        precision: ``"auto"`` (default: :func:`resolve_precision`), ``"float32"``, ``"bfloat16"`` or
+            ``"float16"``: autocast dtype of the network. The scheduler step always runs in float32.
+        compile: wrap the network in ``torch.compile`` (once per network object).
     """
 
     def __init__(
@@ -36,33 +86,80 @@ class ForecastSampler:
         guidance_scale: float = 1.0,
         chunk_size: int | None = None,
         progress: bool = False,
+        channels_last: bool = True,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
+        if precision != "auto" and precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         self.scheduler = scheduler
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
-        self.chunk_size = chunk_size
+        self.chunk_size = int(chunk_size) if chunk_size is not None else None
         self.progress = progress
+        self.channels_last = bool(channels_last)
+        self.precision = precision
+        self.compile = bool(compile)
+        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}
+
+    @property
+    def network_evaluations_per_sample(self) -> int:
+        """Network evaluations (rows through the network) per drawn sample: steps, doubled under guidance."""
+        return self.num_inference_steps * (2 if self.guidance_scale != 1.0 else 1)
+
+    def prepare(self, network: nn.Module | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """Put ``network`` into the configured memory format (in place) and compile it if asked; returns the
+        callable to evaluate."""
+        if isinstance(network, nn.Module) and self.channels_last:
+            network._apply(self._channels_last)  # conv weights only: Linear weights and biases have fewer dims
+        if not self.compile or not isinstance(network, nn.Module):
+            return network
+        key = id(network)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(network)
+        return self._compiled[key]
+
+    @staticmethod
+    def _channels_last(v: torch.Tensor) -> torch.Tensor:
+        """``v`` in channels-last memory format if it is a 3D (5-dim) or 2D (4-dim) convolution weight."""
+        if v.ndim == 5:
+            return v.contiguous(memory_format=torch.channels_last_3d)
+        if v.ndim == 4:
+            return v.contiguous(memory_format=torch.channels_last)
+        return v
 
     def _predict(
         self, network: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
         treatment: torch.Tensor, horizon: torch.Tensor,
     ) -> torch.Tensor:
+        n = x.shape[0]
         guided = self.guidance_scale != 1.0
-        if guided:
-            # conditional and unconditional rows share one network call
-            x, t, cond, horizon = (torch.cat([v, v]) for v in (x, t, cond, horizon))
-            treatment = torch.cat([treatment, torch.full_like(treatment, NULL_TREATMENT)])
-        step = self.chunk_size or x.shape[0]
-        out = torch.cat([
-            network(x[i:i + step], t[i:i + step], cond[i:i + step], treatment[i:i + step], horizon[i:i + step])
-            for i in range(0, x.shape[0], step)
-        ])
+        total = 2 * n if guided else n
+        if guided:  # the unconditional rows follow the conditional ones; they may share a network call
+            null = torch.full_like(treatment, NULL_TREATMENT)
+        step = self.chunk_size or total
+        dtype = PRECISIONS[resolve_precision(self.precision, x.device)]
+        outputs = []
+        for i in range(0, total, step):
+            j = min(i + step, total)
+            if guided:
+                rows = [_rows(v, i, j, n) for v in (x, t, cond, horizon)]
+                tr = torch.cat([treatment, null])[i:j]
+            else:
+                rows = [v[i:j] for v in (x, t, cond, horizon)]
+                tr = treatment[i:j]
+            xi, ti, ci, hi = rows
+            with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = network(xi, ti, ci, tr, hi)
+            outputs.append(out.float().contiguous())
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if guided:
             conditional, unconditional = out.chunk(2)
             out = unconditional + self.guidance_scale * (conditional - unconditional)
         return out
 
-    @torch.no_grad()
     def sample(
         self,
         network: nn.Module | Callable[..., torch.Tensor],
@@ -76,7 +173,7 @@ class ForecastSampler:
 
         Args:
             network: ``network(x, timesteps, cond, treatment, horizon)`` predicting the scheduler's target.
-            cond: (N, C, *spatial) conditioning volumes.
+            cond: (N, C, *spatial) conditioning volumes (a broadcast view is fine: chunks are sliced from it).
             treatment: (N,) arm indices; horizon: (N,) weeks.
             noise: (N, 1, *spatial) starting noise; drawn from ``generator`` when None. Passing the same noise for
                 different arms makes their forecasts differ through the treatment alone.
@@ -84,15 +181,21 @@ class ForecastSampler:
         Returns:
             (N, 1, *spatial) float tensor of 0/1.
         """
-        n = cond.shape[0]
-        if noise is None:
-            noise = torch.randn((n, 1, *cond.shape[2:]), generator=generator, device=cond.device, dtype=cond.dtype)
-        self.scheduler.set_timesteps(self.num_inference_steps, device=cond.device)
-        x = noise.to(cond.device)
-        treatment = treatment.to(cond.device).long().reshape(-1).expand(n)
-        horizon = horizon.to(cond.device).float().reshape(-1).expand(n)
-        for t in tqdm(self.scheduler.timesteps, desc="denoising", leave=False, disable=not self.progress):
-            timesteps = torch.full((n,), int(t), device=cond.device, dtype=torch.long)
-            model_output = self._predict(network, x, timesteps, cond, treatment, horizon)
-            x, _ = self.scheduler.step(model_output.float(), int(t), x)
-        return signal_to_mask(x)
+        network = self.prepare(network)  # outside inference mode: the weights must stay ordinary tensors
+        with torch.inference_mode():
+            n = cond.shape[0]
+            if noise is None:
+                noise = torch.randn((n, 1, *cond.shape[2:]), generator=generator, device=cond.device,
+                                    dtype=cond.dtype)
+            self.scheduler.set_timesteps(self.num_inference_steps, device=cond.device)
+            x = noise.to(cond.device).float()
+            treatment = treatment.to(cond.device).long().reshape(-1).expand(n)
+            horizon = horizon.to(cond.device).float().reshape(-1).expand(n)
+            # the network's view of x_t (x_t itself, or its likelihood ratio for mask logits), as in training
+            scale_input = getattr(self.scheduler, "scale_model_input", None)
+            for t in tqdm(self.scheduler.timesteps, desc="denoising", leave=False, disable=not self.progress):
+                timesteps = torch.full((n,), int(t), device=cond.device, dtype=torch.long)
+                x_in = scale_input(x, timesteps) if scale_input is not None else x
+                model_output = self._predict(network, x_in, timesteps, cond, treatment, horizon)
+                x, _ = self.scheduler.step(model_output, int(t), x)
+            return signal_to_mask(x)

@@ -10,6 +10,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
+from scripts.engines import WeightedBCEWithLogitsLoss
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -65,4 +66,5 @@ def test_train_config_parses_and_builds_the_workflow(tiny_cohort) -> None:
     network = parser.get_parsed_content("network_def")
     assert network.cond_channels == len(CONDITION_CHANNELS)
     scheduler = parser.get_parsed_content("noise_scheduler")
-    assert scheduler.prediction_type == "sample" and scheduler.lesion_weight > 1
+    assert scheduler.prediction_type == "mask_logits" and scheduler.lesion_weight > 1
+    assert isinstance(parser.get_parsed_content("train#loss"), WeightedBCEWithLogitsLoss)

@@ -104,3 +104,41 @@ def test_real_change_masks_match_scipy(shared_data: Path) -> None:
         assert sum(les["volume_mm3"] for les in result["lesions"]) == pytest.approx(data.sum() * voxel, rel=1e-4)
         total += result["count"]
     assert total == 833  # as documented in ../shared/data/README.md
+
+
+def test_centroids_and_volumes_with_flipped_permuted_anisotropic_affine() -> None:
+    """LPS-like flips, permuted axes and 0.7 x 1.2 x 3 mm voxels: world centroids follow the affine exactly."""
+    m = _mask()
+    m[1:3, 5, 7:10] = 1  # 2 x 1 x 3 = 6 voxels, voxel centre (1.5, 5, 8)
+    m[15, 15, 15] = 1  # one voxel
+    affine = np.array([[0.0, -0.7, 0.0, 90.0],  # voxel axis 1 runs towards world -x
+                       [-1.2, 0.0, 0.0, 120.0],  # voxel axis 0 towards world -y
+                       [0.0, 0.0, 3.0, -60.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    first, second = describe_lesions(m, affine)
+    assert first["volume_mm3"] == pytest.approx(6 * 0.7 * 1.2 * 3.0)
+    assert first["centroid_mm"] == pytest.approx([90.0 - 0.7 * 5, 120.0 - 1.2 * 1.5, -60.0 + 3.0 * 8])
+    assert second["volume_mm3"] == pytest.approx(0.7 * 1.2 * 3.0)
+    assert second["centroid_mm"] == pytest.approx([90.0 - 0.7 * 15, 120.0 - 1.2 * 15, -60.0 + 3.0 * 15])
+
+
+def test_real_change_masks_per_lesion_volumes_and_centroids(shared_data: Path) -> None:
+    """Per lesion on three real masks (0.72 x 0.72 x 3 mm, LPS): volumes and world centroids equal scipy's
+    26-connected components mapped through the affine; a mask against itself detects every lesion."""
+    masks = sorted((shared_data / "lesjak2016_longitudinal" / "change_masks").glob("patient*/gt.nii.gz"))[:3]
+    assert masks
+    for path in masks:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj) > 0
+        labels, n = ndimage.label(data, structure=np.ones((3, 3, 3)))
+        index = np.arange(1, n + 1)
+        voxel = abs(np.linalg.det(image.affine[:3, :3]))
+        sizes = ndimage.sum_labels(data, labels, index) * voxel
+        centres = np.asarray(ndimage.center_of_mass(data, labels, index)).reshape(n, 3)
+        world = centres @ image.affine[:3, :3].T + image.affine[:3, 3]
+        lesions = describe_lesions(data, image.affine)
+        assert len(lesions) == n, path
+        np.testing.assert_allclose([les["volume_mm3"] for les in lesions], sizes, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([les["centroid_mm"] for les in lesions], world, atol=2e-3)
+        self_match = match_lesions(data, data)
+        assert (self_match["tp"], self_match["fp"], self_match["fn"], self_match["dice"]) == (n, 0, 0, 1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
-from scripts.engines import DiffusionPrepareBatch, WeightedMSELoss
+from scripts.engines import DiffusionPrepareBatch, WeightedBCEWithLogitsLoss, WeightedMSELoss
 from scripts.inferer import ForecastInferer, ThresholdInferer
 from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
 from scripts.sampler import ForecastSampler
@@ -43,6 +43,23 @@ def test_output_shape_and_dtype(net: ForecastDiffusionUNet) -> None:
     assert out.shape == x.shape
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+def test_noisy_voxel_reaches_its_own_output_voxel(net: ForecastDiffusionUNet) -> None:
+    # the full-resolution head sees the noisy signal voxel by voxel, so a one-voxel change shows at that voxel
+    # (even with the patch embedding blind to it)
+    import copy
+
+    blind = copy.deepcopy(net)
+    with torch.no_grad():
+        blind.patch_embed.weight[:, :1] = 0.0
+    x, t, cond, treatment, horizon = _inputs(1)
+    bumped = x.clone()
+    bumped[0, 0, 5, 6, 7] += 2.0
+    with torch.no_grad():
+        diff = (blind(bumped, t, cond, treatment, horizon) - blind(x, t, cond, treatment, horizon)).abs()[0, 0]
+    assert diff[5, 6, 7] > 1e-4
+    assert diff[8:, 9:, 10:].max() == 0.0  # beyond the head's two 3x3x3 convolutions nothing changes
 
 
 def test_treatment_token_changes_output(net: ForecastDiffusionUNet) -> None:
@@ -102,7 +119,7 @@ def test_scheduler_schedule_and_weights() -> None:
     assert torch.all(v_weights > 0) and torch.all(v_weights <= 1) and v_weights[-1] == 1.0
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction", "mask_logits"])
 def test_scheduler_step_recovers_x0_from_exact_targets(prediction_type: str) -> None:
     scheduler = ForecastScheduler(prediction_type=prediction_type)
     scheduler.set_timesteps(4)
@@ -113,6 +130,8 @@ def test_scheduler_step_recovers_x0_from_exact_targets(prediction_type: str) -> 
         timesteps = torch.tensor([int(t)])
         # the exact target along the deterministic trajectory that starts from `noise`
         target = scheduler.training_target(x0, noise, timesteps)
+        if prediction_type == "mask_logits":  # a confident logit of the right sign
+            target = 30.0 * target
         sample, predicted = scheduler.step(target, int(t), scheduler.add_noise(x0, noise, timesteps))
         assert torch.allclose(predicted, x0, atol=1e-4)
     assert torch.equal(signal_to_mask(sample), (x0 > 0).float())
@@ -128,6 +147,31 @@ def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
     assert torch.all(kwargs["treatment"] == NULL_TREATMENT)  # dropout 1: always the null token
     loss = WeightedMSELoss()(net(x_t, **kwargs), target)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    logits_scheduler = ForecastScheduler(prediction_type="mask_logits", lesion_weight=10.0)
+    x_in, target, _, kwargs = DiffusionPrepareBatch(logits_scheduler)(batch)
+    assert x_in.abs().max() <= logits_scheduler.llr_clip / logits_scheduler.llr_scale + 1e-6
+    perfect = WeightedBCEWithLogitsLoss()(40.0 * target.target, target)
+    wrong = WeightedBCEWithLogitsLoss()(-40.0 * target.target, target)
+    assert perfect < 1e-6 < wrong
+
+
+def test_likelihood_ratio_input_and_logit_debiasing() -> None:
+    scheduler = ForecastScheduler(prediction_type="mask_logits", lesion_weight=20.0)
+    x0 = mask_to_signal(torch.tensor([0.0, 1.0])).reshape(2, 1, 1, 1, 1)
+    t = torch.tensor([500, 500])
+    a = scheduler.alphas_cumprod[500]
+    scaled = scheduler.scale_model_input(scheduler.add_noise(x0, torch.zeros_like(x0), t), t)
+    expected = (2 * a.sqrt() / (1 - a) * a.sqrt() * x0).clamp(-20, 20) / scheduler.llr_scale
+    assert torch.allclose(scaled, expected, atol=1e-5)
+    # pure noise carries no evidence; a nearly clean step saturates at the clip
+    assert scheduler.scale_model_input(torch.ones(1, 1, 2, 2, 2), torch.tensor([999])).abs().max() < 1e-6
+    assert scheduler.scale_model_input(torch.ones(1, 1, 2, 2, 2), torch.tensor([0])).max() == pytest.approx(5.0)
+    # the weighted optimum logit(p_w) = logit(p) + log(w) maps back to p
+    p = torch.tensor([0.001, 0.05, 0.5, 0.9])
+    logit_weighted = torch.logit(p) + torch.log(torch.tensor(20.0))
+    x0_hat, _ = scheduler.predict_x0_eps(logit_weighted, torch.zeros(4), torch.tensor(0.5))
+    assert torch.allclose((x0_hat + 1) / 2, p, atol=1e-5)
+    assert ForecastScheduler().scale_model_input(x0, t) is x0  # other prediction types: x_t unchanged
 
 
 def test_inferer_counterfactual_layout_and_seed(net: ForecastDiffusionUNet) -> None:

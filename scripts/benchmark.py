@@ -1,0 +1,761 @@
+"""Benchmark of the forecast: speed against MONAI's stock 1000-step sampler, quality parity, FLOPs, memory.
+
+``python -m scripts.benchmark --out FILE.json [--quick]`` measures, for one case (the first ``testing`` case of the
+config's datalist, by default the embedded sample case ``syn0000``), all six arms and K samples each:
+
+* ``forecast_seconds``: wall time of the project's forecast of that case, end to end as the bundle runs it
+  (``ForecastRunner.forecast_case``: preprocessing, sampling, analysis, NIfTI/JSON/figure writing), in a fresh
+  process (weights loaded, first case, no warm-up); ``sampling_seconds`` is its reverse-process part;
+* ``ddpm1000_seconds``: MONAI's stock path on the same weights: ``DiffusionInferer.sample`` with a 1000-step
+  ``DDPMScheduler`` (the model's own noise schedule and prediction type), one sample at a time, the network in
+  ``"concat"`` mode behind :class:`ConcatModeNetwork`, float32, default memory format. A few steps are timed and
+  extrapolated to 1000 steps x (arms x K) samples (``ddpm_extrapolated_from_steps``);
+* ``speedup_vs_ddpm1000`` = ``ddpm1000_seconds / forecast_seconds`` (the forecast side includes its overhead);
+* ``forward_time_share``: time inside the network's forward (timed around every call) over ``forecast_seconds``;
+* ``flops_per_forecast``: convolution/matmul FLOPs (``torch.utils.flop_counter``, 2 per multiply-add) of one
+  network row, times rows and network evaluations; ``achieved_flops_per_second`` over ``forecast_seconds``, against
+  ``matmul_flops_per_second``, the best float32 square matrix product measured in the same run;
+* ``peak_memory_bytes``: peak resident memory (``ru_maxrss``) of the forecast's own fresh process (on CUDA: the
+  peak reserved GPU memory; the host figure is ``peak_host_rss_bytes``);
+* ``quality_parity``: lesion-count MAE and activity AUC of the fast sampler and of a many-step reference sampler
+  (same weights, same starting noise) on a synthetic cohort (``generate_cohort``, stated seed), factual arm;
+* ``training_cases_per_second``: training iterations at the shipped ``train.json`` settings (batch, crop, loss,
+  AdamW, clipping, EMA) on random tensors, data loading excluded.
+
+``--quick`` shrinks everything (tiny network, 16^3 grid at 12 mm, K = 2, 2 parity cases, random weights) so that
+the whole run takes well under a minute: the CI mode that keeps this script from rotting; its figures mean nothing.
+
+``--chunk_sweep 48,24,12`` adds, per chunk size, the peak memory and the sampling time per row of a one-step
+forecast in a fresh process (the peak is reached in the first step), to choose ``chunk_size``.
+
+Wall times on a loaded machine are inflated; the ``*_cpu_seconds`` figures (process CPU time, all threads) are
+less sensitive to other jobs and are reported next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.sampler import resolve_precision
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.json"
+DEFAULT_TRAIN_CONFIG = REPO_ROOT / "bundle" / "configs" / "train.json"
+DEFAULT_CKPT = REPO_ROOT / "bundle" / "models" / "model.pt"
+QUICK_OVERRIDES: dict[str, Any] = {
+    "network_def#channels": [8, 16, 16, 16], "spatial_size": [16, 16, 16], "spacing": [12.0, 12.0, 12.0],
+}
+TARGETS = {"speedup_vs_ddpm1000": 100.0, "network_evaluations_per_sample": 10, "forward_time_share": 0.9,
+           "matmul_fraction": 0.6, "peak_memory_bytes": 4 * 1024**3}
+
+logger = logging.getLogger("scripts.benchmark")
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark precondition failed (e.g. weights that do not match the network); the message says which."""
+
+
+class ConcatModeNetwork(nn.Module):
+    """MONAI ``DiffusionInferer`` "concat" mode adapter: ``forward(x, timesteps, context=None)`` where ``x`` holds
+    the noisy signal (first channel) and the condition channels; treatment and horizon are fixed attributes.
+
+    With a ``mask_logits`` scheduler the adapter also does what MONAI's DDPM scheduler cannot: it hands the network
+    the scheduler's input scaling of x_t and turns the output logits into the x0 prediction (``prediction_type``
+    "sample" for ``DDPMScheduler``). Both are elementwise and cost nothing next to the network.
+    """
+
+    def __init__(self, network: nn.Module, treatment: torch.Tensor, horizon: torch.Tensor,
+                 scheduler: Any = None) -> None:
+        super().__init__()
+        self.network = network
+        self.scheduler = scheduler if getattr(scheduler, "predicts_logits", False) else None
+        self.register_buffer("treatment", treatment.reshape(-1).long(), persistent=False)
+        self.register_buffer("horizon", horizon.reshape(-1).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
+        if self.scheduler is None:
+            return self.network(x, timesteps, None, self.treatment, self.horizon)
+        t = timesteps.long()
+        noisy, cond = x[:, :1], x[:, 1:]
+        logits = self.network(self.scheduler.scale_model_input(noisy, t), timesteps, cond, self.treatment,
+                              self.horizon)
+        alpha = self.scheduler.alphas_cumprod.to(x.device)[t[0]]
+        return self.scheduler.predict_x0_eps(logits, noisy, alpha)[0]
+
+
+def stock_prediction_type(prediction_type: str) -> str:
+    """The ``DDPMScheduler`` prediction type of the stock path (mask logits reach it as x0, see the adapter)."""
+    return "sample" if prediction_type == "mask_logits" else prediction_type
+
+
+class ForwardTimer(nn.Module):
+    """Wrap a network and add up the wall time spent inside its forward calls (synchronising CUDA around them)."""
+
+    def __init__(self, network: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.network = network
+        self.seconds = 0.0
+        self.calls = 0
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _sync(x.device)
+        start = time.perf_counter()
+        out = self.network(x, *args, **kwargs)
+        _sync(x.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.rows += int(x.shape[0])
+        return out
+
+
+class TimedInferer:
+    """Wrap an inferer and add up the wall time of its calls (the reverse process of a forecast)."""
+
+    def __init__(self, inferer: Any) -> None:
+        self.inferer = inferer
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inferer, name)
+
+    def __call__(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.inferer(inputs, *args, **kwargs)
+        _sync(inputs.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def describe_device(device: torch.device) -> str:
+    """Human-readable machine description: accelerator or CPU model, threads, torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"cuda: {name}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"cpu: {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    """The inference config with the benchmark's overrides (quick sizes, device, sampler switches)."""
+    from monai.bundle import ConfigParser
+
+    import scripts.scheduler  # noqa: F401  (registers the shifted cosine schedule)
+
+    parser = ConfigParser()
+    parser.read_config(str(args.config))
+    overrides: dict[str, Any] = dict(QUICK_OVERRIDES) if args.quick else {}
+    overrides["device"] = f"$torch.device('{args.device}')"
+    overrides["inferer#progress"] = False
+    overrides["num_samples"] = args.num_samples
+    for key in ("num_inference_steps", "chunk_size", "precision", "channels_last", "compile"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[f"inferer#{key}" if key in ("precision", "channels_last", "compile") else key] = value
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def build_network(parser: Any, args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The network of the config with the benchmark's weights; returns it (eval mode) and a weights description.
+
+    Raises:
+        BenchmarkError: the checkpoint is missing or does not match the network.
+    """
+    from scripts.forecast import load_weights
+
+    torch.manual_seed(0)
+    network = copy.deepcopy(parser.get_parsed_content("network_def")).to(args.device)
+    if args.quick and args.ckpt is None:
+        return network.eval(), "random initialisation (seed 0), quick mode"
+    ckpt = Path(args.ckpt or DEFAULT_CKPT)
+    try:
+        load_weights(network, ckpt, args.device)
+    except Exception as err:
+        raise BenchmarkError(
+            f"cannot load the weights {ckpt} into the network of {args.config} ({err}). Pass --ckpt PATH to weights "
+            f"that match its network_def (timings do not depend on the weight values; quality parity does)."
+        ) from err
+    return network.eval(), str(ckpt)
+
+
+def benchmark_case(parser: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmarked case: the first ``testing`` entry of ``--datalist`` (default: the config's datalist)."""
+    from scripts.data import load_datalist
+
+    datalist = args.datalist or parser.get_parsed_content("datalist")
+    cases = load_datalist(datalist, "testing")
+    if not cases:
+        raise BenchmarkError(f"no valid testing case in {datalist}")
+    return cases[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the forecast, in its own process
+
+
+def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
+    """Forecast the benchmark case (all arms, K samples) in this process and time it; used by the child process."""
+    from scripts.constants import ARMS
+    from scripts.forecast import ForecastRunner
+
+    parser = load_config(args)
+    network, weights = build_network(parser, args)
+    inferer = parser.get_parsed_content("inferer")
+    sampler = inferer.sampler
+    compile_seconds, use_compile = 0.0, sampler.compile
+    if use_compile:  # compile outside the timer, so the timer sees the compiled module's calls
+        compiled = sampler.prepare(network)
+        sampler.compile = False
+        start = time.perf_counter()
+        size = parser.get_parsed_content("spatial_size")
+        cond_channels = int(parser.get_parsed_content("network_def#cond_channels"))
+        n = min(sampler.chunk_size or 6 * args.num_samples, 6 * args.num_samples)
+        sampler.sample(compiled, torch.zeros(n, cond_channels, *size, device=args.device),
+                       torch.zeros(n, dtype=torch.long), torch.full((n,), 24.0))
+        compile_seconds = time.perf_counter() - start
+        network = compiled
+    timer = ForwardTimer(network)
+    timed_inferer = TimedInferer(inferer)
+    case = benchmark_case(parser, args)
+    baseline_rss = peak_rss_bytes()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    with tempfile.TemporaryDirectory(prefix="benchmark_forecast_") as out:
+        runner = ForecastRunner(parser.get_parsed_content("datalist"), out, parser.get_parsed_content("preprocessing"),
+                                timer, timed_inferer, arms=list(ARMS), device=args.device, overwrite=True)
+        runner.network.eval()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        forecast = runner.forecast_case(dict(case))
+        _sync(torch.device(args.device))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    result = {
+        "case": case["id"],
+        "weights": weights,
+        "forecast_seconds": wall,
+        "forecast_cpu_seconds": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "sampling_seconds": timed_inferer.seconds,
+        "forward_seconds": timer.seconds,
+        "forward_calls": timer.calls,
+        "forward_rows": timer.rows,
+        "compile_seconds": compile_seconds,
+        "baseline_rss_bytes": baseline_rss,
+        "peak_host_rss_bytes": peak_rss_bytes(),
+        "expected_counts": {arm: figures["expected_count"] for arm, figures in forecast["arms"].items()},
+        "sampler": {"num_inference_steps": sampler.num_inference_steps, "guidance_scale": sampler.guidance_scale,
+                    "chunk_size": sampler.chunk_size, "channels_last": sampler.channels_last,
+                    "precision": resolve_precision(sampler.precision, torch.device(args.device)),
+                    "compile": use_compile,
+                    "network_evaluations_per_sample": sampler.network_evaluations_per_sample},
+    }
+    if torch.device(args.device).type == "cuda":
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_reserved(args.device))
+    return result
+
+
+def forecast_in_subprocess(argv: Sequence[str]) -> dict[str, Any]:
+    """Run :func:`run_forecast` in a fresh Python process (its peak memory is the forecast's own)."""
+    with tempfile.TemporaryDirectory(prefix="benchmark_child_") as tmp:
+        result_path = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "scripts.benchmark", *argv, "--forecast_child", str(result_path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                            os.environ.get("PYTHONPATH")]))}
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if completed.returncode != 0 or not result_path.is_file():
+            raise BenchmarkError(f"the forecast process failed (exit {completed.returncode}):\n"
+                                 f"{completed.stderr[-4000:]}")
+        return json.loads(result_path.read_text())
+
+
+def chunk_sweep(args: argparse.Namespace, argv: Sequence[str], rows: int) -> list[dict[str, Any]]:
+    """Peak memory and sampling seconds per row of a one-step forecast per chunk size, each in a fresh process."""
+    sweep = []
+    for chunk in (int(c) for c in str(args.chunk_sweep).split(",") if c.strip()):
+        logger.info("chunk sweep: chunk_size %d ...", chunk)
+        fc = forecast_in_subprocess([*argv, "--chunk_size", str(chunk), "--num_inference_steps", "1"])
+        peak = int(fc.get("peak_gpu_bytes", fc["peak_host_rss_bytes"]))
+        sweep.append({"chunk_size": chunk, "peak_memory_bytes": peak,
+                      "sampling_seconds_per_row": fc["sampling_seconds"] / rows,
+                      "forward_seconds_per_row": fc["forward_seconds"] / rows,
+                      "forecast_cpu_seconds": fc["forecast_cpu_seconds"]})
+    return sweep
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs, matmul peak, the stock MONAI path
+
+
+def network_flops_per_row(network: nn.Module, cond: torch.Tensor) -> int:
+    """Convolution/matmul FLOPs of one network evaluation of one row (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 1, *cond.shape[2:], device=cond.device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        network(x, torch.full((1,), 500, device=cond.device), cond, torch.zeros(1, dtype=torch.long,
+                                                                                 device=cond.device),
+                torch.full((1,), 24.0, device=cond.device))
+    return int(counter.get_total_flops())
+
+
+def matmul_flops_per_second(device: str, size: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) product over ``repeats`` timed runs after one warm-up."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(torch.device(device))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(torch.device(device))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Wall and CPU seconds per step of MONAI's stock ``DiffusionInferer.sample``, 1000-step ``DDPMScheduler``.
+
+    One sample at a time (batch 1), float32, default memory format: the stock path without this project's switches.
+
+    The scheduler uses the model's own schedule and prediction type (from the config's ``noise_scheduler``);
+    the first step is a warm-up, the next ``steps`` are timed.
+    """
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDPMScheduler
+
+    spec = parser.get("noise_scheduler")
+    schedule_args = {k: spec[k] for k in ("shift",) if k in spec}
+    scheduler = DDPMScheduler(num_train_timesteps=int(spec.get("num_train_timesteps", 1000)),
+                              schedule=spec.get("schedule", "linear_beta"),
+                              prediction_type=stock_prediction_type(spec.get("prediction_type", "epsilon")),
+                              clip_sample=True, **schedule_args)
+    scheduler.set_timesteps(scheduler.num_train_timesteps)  # on the CPU, as DiffusionInferer.sample expects
+    all_timesteps = scheduler.timesteps
+    device = cond.device
+    wrapper = ConcatModeNetwork(network, torch.zeros(1, dtype=torch.long), torch.full((1,), 24.0),
+                                parser.get_parsed_content("noise_scheduler")).to(device)
+    inferer = DiffusionInferer(scheduler)
+    noise = torch.randn((1, 1, *cond.shape[2:]), generator=torch.Generator().manual_seed(0)).to(device)
+    scheduler.timesteps = all_timesteps[:1]
+    image = inferer.sample(noise, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
+    scheduler.timesteps = all_timesteps[1:1 + steps]
+    _sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    inferer.sample(image, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
+    _sync(device)
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quality parity
+
+
+def activity_auc(scores: Sequence[float], active: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``active`` (ties count half); None with a single class."""
+    s, y = np.asarray(scores, float), np.asarray(active, bool)
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, weights: str) -> dict[str, Any]:
+    """Count MAE and activity AUC of the fast sampler and a many-step reference on a synthetic cohort.
+
+    Every sampler starts from the same noise per case (seed ``parity_seed + case index``). When the fast sampler
+    runs in reduced precision, the same sampler in float32 is added (``fast_float32``) to isolate its effect.
+    """
+    from scripts.constants import arm_index
+    from scripts.data import load_datalist
+    from scripts.forecast import summarize_arm
+    from scripts.sampler import ForecastSampler
+    from scripts.synthetic import generate_cohort
+
+    size = [int(s) for s in parser.get_parsed_content("spatial_size")]
+    spacing = [float(s) for s in parser.get_parsed_content("spacing")]
+    fast = parser.get_parsed_content("inferer").sampler
+    device = torch.device(args.device)
+    scheduler = parser.get_parsed_content("noise_scheduler")
+
+    def like_fast(steps: int) -> ForecastSampler:
+        return ForecastSampler(scheduler, steps, fast.guidance_scale, fast.chunk_size,
+                               channels_last=fast.channels_last, precision="float32")
+
+    samplers = {"fast": fast, "reference": like_fast(args.reference_steps)}
+    if resolve_precision(fast.precision, device) != "float32":
+        samplers["fast_float32"] = like_fast(fast.num_inference_steps)
+    k = args.parity_samples
+    preprocessing = parser.get_parsed_content("preprocessing")
+    counts: dict[str, list[float]] = {name: [] for name in samplers}
+    active: dict[str, list[float]] = {name: [] for name in samplers}
+    agreement: dict[str, list[float]] = {name: [] for name in samplers if name != "fast"}
+    observed, expected = [], []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="benchmark_parity_") as tmp:
+        datalist = generate_cohort(tmp, n=args.parity_cases, seed=args.parity_seed, shape=size, spacing=spacing,
+                                   split=(0.0, 0.0, 1.0), progress=False)
+        for index, case in enumerate(load_datalist(datalist, "testing")):
+            data = preprocessing(dict(case))
+            cond = torch.as_tensor(data["cond"]).float()[None].to(device)
+            truth = json.loads((Path(tmp) / "truth" / f"{case['id']}.json").read_text())
+            arm = truth["treatment"]
+            observed.append(float(truth["counts"][arm]))
+            expected.append(float(truth["expected_count"][arm]))
+            treatment = torch.full((k,), arm_index(arm), device=device)
+            horizon = torch.full((k,), float(torch.as_tensor(data["horizon"])), device=device)
+            generator = torch.Generator().manual_seed(args.parity_seed + index)
+            noise = torch.randn((k, 1, *size), generator=generator).to(device)
+            masks = {}
+            for name, sampler in samplers.items():
+                sample = sampler.sample(network, cond.expand(k, *cond.shape[1:]), treatment, horizon, noise=noise)
+                masks[name] = sample[:, 0].cpu().numpy() > 0.5
+                summary = summarize_arm(masks[name], np.asarray(data["working_affine"], float))
+                counts[name].append(summary["expected_count"])
+                active[name].append(summary["p_active"])
+            for name in agreement:
+                agreement[name].append(float((masks["fast"] == masks[name]).mean()))
+    obs, exp = np.asarray(observed), np.asarray(expected)
+    result: dict[str, Any] = {
+        "cohort": f"scripts.synthetic.generate_cohort(n={args.parity_cases}, seed={args.parity_seed}, "
+                  f"shape={size}, spacing={spacing}), factual arm of each case",
+        "cases": args.parity_cases, "samples_per_case": k, "weights": weights,
+        "observed_mean_count": float(obs.mean()), "observed_share_active": float((obs >= 1).mean()),
+    }
+    for name, sampler in samplers.items():
+        c = np.asarray(counts[name])
+        result[name] = {
+            "sampler": f"deterministic DDIM, {sampler.num_inference_steps} steps (trailing), "
+                       f"{resolve_precision(sampler.precision, device)}",
+            "network_evaluations_per_sample": sampler.network_evaluations_per_sample,
+            "count_mae": float(np.abs(c - obs).mean()),
+            "count_mae_vs_expected": float(np.abs(c - exp).mean()),
+            "activity_auc": activity_auc(active[name], obs >= 1),
+            "mean_expected_count": float(c.mean()),
+        }
+        if name != "fast":
+            result[f"count_mae_fast_vs_{name}"] = float(np.abs(np.asarray(counts["fast"]) - c).mean())
+            result[f"voxel_agreement_fast_vs_{name}"] = float(np.mean(agreement[name]))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training throughput
+
+
+def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Cases per second of training iterations at ``train.json``'s settings on random tensors (no data loading)."""
+    from monai.bundle import ConfigParser
+
+    from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
+    from scripts.engines import DiffusionPrepareBatch, WeightedMSELoss
+
+    parser = ConfigParser()
+    parser.read_config(str(args.train_config))
+    if args.quick:
+        parser["network_def#channels"] = QUICK_OVERRIDES["network_def#channels"]
+        parser["batch_size"], parser["train_crop_size"] = 2, [16, 16, 16]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    network = copy.deepcopy(parser.get_parsed_content("network_def")).to(device).train()
+    ema = copy.deepcopy(network).eval()
+    scheduler = parser.get_parsed_content("noise_scheduler")
+    batch_size = int(parser.get_parsed_content("batch_size"))
+    crop = [int(s) for s in parser.get_parsed_content("train_crop_size")]
+    optimizer = torch.optim.AdamW(network.parameters(), lr=float(parser.get_parsed_content("lr")),
+                                  weight_decay=float(parser.get_parsed_content("weight_decay")))
+    prepare = DiffusionPrepareBatch(scheduler, float(parser.get_parsed_content("treatment_dropout")))
+    loss_fn = WeightedMSELoss()
+    clip = float(parser.get_parsed_content("grad_clip_norm"))
+    momentum = float(parser.get_parsed_content("ema_momentum"))
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "cond": torch.rand(batch_size, len(CONDITION_CHANNELS), *crop, generator=g),
+        "label": (torch.rand(batch_size, 1, *crop, generator=g) > 0.999).float(),
+        "treatment": torch.randint(0, NULL_TREATMENT, (batch_size,), generator=g),
+        "horizon": torch.full((batch_size,), 24.0),
+    }
+
+    def iteration() -> None:
+        x_t, target, _, kwargs = prepare(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, enabled=amp):
+            loss = loss_fn(network(x_t, **kwargs), target)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), network.parameters(), strict=True):
+                e.lerp_(p, momentum)
+
+    iteration()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.train_iterations):
+        iteration()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"training_cases_per_second": batch_size * args.train_iterations / seconds,
+            "training_seconds_per_iteration": seconds / args.train_iterations,
+            "training_setting": f"batch {batch_size}, crop {crop}, AdamW, weighted x0 loss, grad clip {clip}, EMA, "
+                                f"amp={amp}; random tensors, data loading and augmentation excluded"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[str, Any]:
+    """All measurements; returns the JSON object (the contract's keys first)."""
+    from scripts.constants import ARMS
+
+    parser = load_config(args)
+    network, weights = build_network(parser, args)  # fails early and clearly on mismatched weights
+    device = torch.device(args.device)
+    size = [int(s) for s in parser.get_parsed_content("spatial_size")]
+    case = benchmark_case(parser, args)
+    data = parser.get_parsed_content("preprocessing")(dict(case))
+    cond = torch.as_tensor(data["cond"]).float()[None].to(device)
+    rows = len(ARMS) * args.num_samples
+
+    logger.info("matmul peak ...")
+    matmul = matmul_flops_per_second(args.device, args.matmul_size)
+    logger.info("forecast (fresh process) ...")
+    fc = forecast_in_subprocess(child_argv)
+    nfe = int(fc["sampler"]["network_evaluations_per_sample"])
+    flops_row = network_flops_per_row(network, cond)
+    flops = flops_row * rows * nfe
+    logger.info("stock MONAI DDPM path (%d steps timed) ...", args.ddpm_steps)
+    ddpm_step, ddpm_cpu_step = time_ddpm_steps(network, parser, cond, args.ddpm_steps)
+    ddpm_seconds = ddpm_step * 1000 * rows
+    peak = int(fc.get("peak_gpu_bytes", fc["peak_host_rss_bytes"]))
+    result: dict[str, Any] = {
+        "forecast_seconds": fc["forecast_seconds"],
+        "ddpm1000_seconds": ddpm_seconds,
+        "speedup_vs_ddpm1000": ddpm_seconds / fc["forecast_seconds"],
+        "network_evaluations_per_sample": nfe,
+        "forward_time_share": min(1.0, fc["forward_seconds"] / fc["forecast_seconds"]),
+        "flops_per_forecast": flops,
+        "achieved_flops_per_second": flops / fc["forecast_seconds"],
+        "matmul_flops_per_second": matmul,
+        "peak_memory_bytes": peak,
+        "quality_parity": None,
+        "device": describe_device(device),
+    }
+    result.update({
+        "matmul_fraction": result["achieved_flops_per_second"] / matmul,
+        "flops_per_second_in_forward": flops / fc["forward_seconds"] if fc["forward_seconds"] > 0 else None,
+        "sampling_seconds": fc["sampling_seconds"],
+        "forward_seconds": fc["forward_seconds"],
+        "forward_time_share_of_sampling": fc["forward_seconds"] / fc["sampling_seconds"],
+        "flops_per_network_row": flops_row,
+        "rows_per_forecast": rows,
+        "forward_calls": fc["forward_calls"],
+        "ddpm_seconds_per_step": ddpm_step,
+        "forecast_cpu_seconds": fc["forecast_cpu_seconds"],
+        "ddpm1000_cpu_seconds": ddpm_cpu_step * 1000 * rows,
+        "speedup_vs_ddpm1000_cpu_time": ddpm_cpu_step * 1000 * rows / fc["forecast_cpu_seconds"],
+        "torch_threads": fc["torch_threads"],
+        "ddpm_extrapolated_from_steps": args.ddpm_steps,
+        "ddpm_path": "monai.inferers.DiffusionInferer.sample + monai.networks.schedulers.DDPMScheduler(1000, "
+                     "model's schedule and prediction type), mode='concat', one sample at a time, float32; "
+                     f"{args.ddpm_steps} steps timed after 1 warm-up, extrapolated x1000 steps x {rows} samples",
+        "peak_memory_kind": "GPU reserved" if "peak_gpu_bytes" in fc else "host peak RSS of the forecast process",
+        "peak_host_rss_bytes": fc["peak_host_rss_bytes"],
+        "baseline_rss_bytes": fc["baseline_rss_bytes"],
+        "compile_seconds": fc["compile_seconds"],
+        "case": fc["case"], "arms": len(ARMS), "num_samples": args.num_samples, "spatial_size": size,
+        "sampler": fc["sampler"], "weights": weights, "quick": bool(args.quick),
+        "forecast_expected_counts": fc["expected_counts"],
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    })
+    if fc["sampler"]["precision"] == "bfloat16":
+        result["matmul_bf16_flops_per_second"] = matmul_flops_per_second(args.device, args.matmul_size,
+                                                                         dtype=torch.bfloat16)
+    if args.chunk_sweep:
+        result["chunk_sweep"] = chunk_sweep(args, child_argv, rows)
+    if not args.skip_parity:
+        logger.info("quality parity on %d synthetic cases ...", args.parity_cases)
+        result["quality_parity"] = quality_parity(network, parser, args, weights)
+    if not args.skip_training:
+        logger.info("training throughput ...")
+        result.update(training_throughput(args))
+    result["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A plain-text table of the figures against the issue's targets."""
+    gib = 1024**3
+
+    def check(ok: bool | None) -> str:
+        return "" if ok is None else ("  [target met]" if ok else "  [target missed]")
+
+    parity = result.get("quality_parity") or {}
+    r = result
+    lines = [
+        f"device: {result['device']}",
+        f"case {r['case']}, {r['arms']} arms x {r['num_samples']} samples, grid {r['spatial_size']}, "
+        f"sampler {r['sampler']}",
+        f"forecast wall time            {r['forecast_seconds']:10.2f} s (sampling {r['sampling_seconds']:.2f} s)",
+        f"stock DDPM-1000 (extrapolated){r['ddpm1000_seconds']:10.1f} s ({r['ddpm_seconds_per_step']:.3f} s/step, "
+        f"{r['ddpm_extrapolated_from_steps']} steps timed)",
+        f"speedup vs DDPM-1000          {result['speedup_vs_ddpm1000']:10.1f} x"
+        + check(result["speedup_vs_ddpm1000"] >= TARGETS["speedup_vs_ddpm1000"]),
+        f"  in CPU time                 {r['speedup_vs_ddpm1000_cpu_time']:10.1f} x (forecast "
+        f"{r['forecast_cpu_seconds']:.1f} CPU s, DDPM-1000 {r['ddpm1000_cpu_seconds']:.0f} CPU s, "
+        f"{r['torch_threads']} threads)",
+        f"network evaluations / sample  {result['network_evaluations_per_sample']:10d}"
+        + check(result["network_evaluations_per_sample"] <= TARGETS["network_evaluations_per_sample"]),
+        f"forward share of wall time    {100 * result['forward_time_share']:10.1f} %"
+        + check(result["forward_time_share"] >= TARGETS["forward_time_share"]),
+        f"FLOPs per forecast            {result['flops_per_forecast'] / 1e12:10.3f} TFLOP",
+        f"achieved                      {result['achieved_flops_per_second'] / 1e9:10.1f} GFLOP/s "
+        f"(in forward {(result['flops_per_second_in_forward'] or 0) / 1e9:.1f})",
+        f"fp32 matmul                   {result['matmul_flops_per_second'] / 1e9:10.1f} GFLOP/s -> "
+        f"{100 * r['matmul_fraction']:.1f} % of it" + check(r["matmul_fraction"] >= TARGETS["matmul_fraction"]),
+        f"peak memory                   {result['peak_memory_bytes'] / gib:10.2f} GiB ({result['peak_memory_kind']})"
+        + check(result["peak_memory_bytes"] < TARGETS["peak_memory_bytes"]),
+    ]
+    if "matmul_bf16_flops_per_second" in result:
+        lines.append(f"bf16 matmul                   {result['matmul_bf16_flops_per_second'] / 1e9:10.1f} GFLOP/s")
+    if "training_cases_per_second" in result:
+        lines.append(f"training throughput           {result['training_cases_per_second']:10.2f} cases/s "
+                     f"({result['training_setting']})")
+    for row in result.get("chunk_sweep", []):
+        lines.append(f"chunk_size {row['chunk_size']:4d}: peak {row['peak_memory_bytes'] / gib:.2f} GiB, "
+                     f"{row['sampling_seconds_per_row']:.3f} s per row and step")
+    if parity:
+        for name in ("fast", "reference", "fast_float32"):
+            if name not in parity:
+                continue
+            p = parity[name]
+            auc = "n/a (one class)" if p["activity_auc"] is None else f"{p['activity_auc']:.3f}"
+            line = f"parity {name:12s} count MAE {p['count_mae']:.3f}, activity AUC {auc} ({p['sampler']})"
+            if name != "fast":
+                line += (f"; vs fast: |E[count] difference| {parity[f'count_mae_fast_vs_{name}']:.3f}, voxel "
+                         f"agreement {parity[f'voxel_agreement_fast_vs_{name}']:.5f}")
+            lines.append(line)
+        lines.append(f"parity cohort: {parity['cohort']}; weights {parity['weights']}")
+    return "\n".join(lines)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="JSON file to write")
+    p.add_argument("--quick", action="store_true", help="tiny network and grid (CI); figures are meaningless")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="inference config")
+    p.add_argument("--train_config", type=Path, default=DEFAULT_TRAIN_CONFIG, help="training config")
+    p.add_argument("--ckpt", type=Path, default=None, help=f"weights (default {DEFAULT_CKPT.relative_to(REPO_ROOT)};"
+                                                          " quick mode: random initialisation)")
+    p.add_argument("--datalist", type=Path, default=None, help="datalist whose first testing case is forecast")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num_samples", type=int, default=None, help="K per arm (default 8; quick 2)")
+    p.add_argument("--num_inference_steps", type=int, default=None, help="default: the config's")
+    p.add_argument("--chunk_size", type=int, default=None, help="rows per network call (default: the config's)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--channels_last", type=_bool, default=None)
+    p.add_argument("--compile", type=_bool, default=None)
+    p.add_argument("--ddpm_steps", type=int, default=None, help="DDPM steps timed (default 3; quick 2)")
+    p.add_argument("--matmul_size", type=int, default=None, help="matmul side (default 2048; quick 512)")
+    p.add_argument("--parity_cases", type=int, default=None, help="synthetic cases (default 8; quick 2)")
+    p.add_argument("--parity_samples", type=int, default=None, help="samples per parity case (default 4; quick 1)")
+    p.add_argument("--parity_seed", type=int, default=1234)
+    p.add_argument("--reference_steps", type=int, default=None, help="reference DDIM steps (default 100; quick 20)")
+    p.add_argument("--train_iterations", type=int, default=None, help="timed iterations (default 5; quick 2)")
+    p.add_argument("--chunk_sweep", default=None, help="comma-separated chunk sizes to sweep (memory, time per row)")
+    p.add_argument("--skip_parity", action="store_true")
+    p.add_argument("--skip_training", action="store_true")
+    p.add_argument("--forecast_child", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the size-dependent defaults (full or quick)."""
+    quick = {"num_samples": 2, "ddpm_steps": 2, "matmul_size": 512, "parity_cases": 2, "parity_samples": 1,
+             "reference_steps": 20, "train_iterations": 2}
+    full = {"num_samples": 8, "ddpm_steps": 3, "matmul_size": 2048, "parity_cases": 8, "parity_samples": 4,
+            "reference_steps": 100, "train_iterations": 5}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = apply_defaults(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.forecast_child is not None:
+            args.forecast_child.write_text(json.dumps(run_forecast(args)))
+            return 0
+        result = run_benchmark(args, argv)
+    except BenchmarkError as err:
+        print(f"benchmark: {err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(format_report(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

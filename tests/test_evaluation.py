@@ -1,0 +1,328 @@
+"""Evaluation (``scripts/evaluation.py``, ``bundle/configs/evaluate.json``): metrics with known answers, the evaluator
+on perfect forecasts, and the bundle command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scripts.constants import CONDITION_CHANNELS
+from scripts.evaluation import (
+    Evaluator,
+    ReliabilityAccumulator,
+    activity_metrics,
+    count_metrics,
+    expected_calibration_error,
+    generalized_energy_distance,
+    interval_coverage,
+    lesion_table,
+    poisson_interval,
+    population_rates,
+    ranking_agreement,
+)
+from scripts.forecast import summarize_arm
+from scripts.lesions import match_lesions
+from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
+from tests.conftest import REPO_ROOT
+
+SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
+         "num_head_channels": 16}
+
+
+# ---- metrics with known answers ----
+
+
+def test_ece_and_reliability_bins() -> None:
+    prob = np.array([0.05] * 10 + [0.95] * 10)
+    truth = np.array([1] + [0] * 9 + [1] * 9 + [0])  # observed 0.1 in the low bin, 0.9 in the high one
+    assert expected_calibration_error(prob, truth) == pytest.approx(0.05)
+    assert expected_calibration_error(np.zeros(50), np.zeros(50)) == 0.0
+    acc = ReliabilityAccumulator(10)
+    acc.update(prob[:7], truth[:7])
+    acc.update(prob[7:], truth[7:])  # accumulating over cases equals one pass over all voxels
+    assert acc.ece() == pytest.approx(0.05)
+    bins = acc.bins()
+    assert bins[0]["voxels"] == 10 and bins[0]["observed_frequency"] == pytest.approx(0.1)
+    assert bins[9]["mean_probability"] == pytest.approx(0.95) and bins[5]["voxels"] == 0
+    acc.update(np.array([1.0]), np.array([1]))  # p = 1 falls in the last bin
+    assert acc.bins()[9]["voxels"] == 11
+    assert ReliabilityAccumulator().ece() is None
+
+
+def test_generalized_energy_distance() -> None:
+    y = np.zeros((4, 4, 4), bool)
+    y[0, 0, :2] = True
+    half = np.zeros_like(y)
+    half[0, 0, 0] = True
+    assert generalized_energy_distance(y[None], y) == 0.0
+    assert generalized_energy_distance(half[None], y) == pytest.approx(2 * 0.5)  # IoU 1/2, one sample
+    empty = np.zeros_like(y)
+    assert generalized_energy_distance(empty[None], empty) == 0.0  # d(empty, empty) = 0
+    assert generalized_energy_distance(empty[None], y) == pytest.approx(2.0)
+    a, b = np.zeros_like(y), np.zeros_like(y)
+    a[3, 3, 3] = b[2, 2, 2] = True
+    # two disjoint samples, both disjoint from the truth: 2 * 1 - 1
+    assert generalized_energy_distance(np.stack([a, b]), y) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    samples, truth = rng.random((5, 6, 6, 6)) > 0.7, rng.random((6, 6, 6)) > 0.7
+
+    def d(p: np.ndarray, q: np.ndarray) -> float:
+        union = np.logical_or(p, q).sum()
+        return 0.0 if union == 0 else 1.0 - np.logical_and(p, q).sum() / union
+
+    brute = 2 * np.mean([d(s, truth) for s in samples]) - np.mean(
+        [d(samples[i], samples[j]) for i in range(5) for j in range(5) if i != j])
+    assert generalized_energy_distance(samples, truth) == pytest.approx(brute)
+
+
+def test_interval_coverage_and_poisson_interval() -> None:
+    assert interval_coverage([[0, 2], [1, 1], [3, 5], None], [2, 0, 4, 9]) == pytest.approx(2 / 3)
+    assert interval_coverage([None], [1]) is None
+    assert poisson_interval(4.0) == [stats.poisson.ppf(0.05, 4.0), stats.poisson.ppf(0.95, 4.0)] == [1.0, 8.0]
+    assert poisson_interval(0.0) == [0.0, 0.0]
+
+
+def test_count_and_activity_metrics() -> None:
+    got = count_metrics([1, 2, 3], [1, 3, 2])
+    assert got["mae"] == pytest.approx(2 / 3) and got["bias"] == 0.0 and got["spearman"] == pytest.approx(0.5)
+    constant = count_metrics([0, 0, 0], [1, 3, 2])
+    assert constant["spearman"] is None and "constant" in constant["notes"]["spearman"]
+    got = activity_metrics([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    assert got["auc"] == pytest.approx(0.75)
+    assert got["average_precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert got["balanced_accuracy"] == pytest.approx(0.75)  # sensitivity 1/2, specificity 1
+    one_class = activity_metrics([0.2, 0.9], [True, True])
+    assert one_class["auc"] is None and one_class["balanced_accuracy"] is None
+    assert "only active" in one_class["notes"]["auc"]
+
+
+def test_ranking_agreement() -> None:
+    strength = {"placebo": 0.0, "laquinimod": 0.3, "ocrelizumab": 0.9}
+    right = ranking_agreement({"placebo": 5.0, "laquinimod": 3.0, "ocrelizumab": 1.0}, strength)
+    assert right["concordance"] == 1.0 and right["exact"] and right["n_pairs"] == 3
+    assert right["predicted_order"] == right["true_order"] == ["ocrelizumab", "laquinimod", "placebo"]
+    assert right["true_order_text"] == "ocrelizumab > laquinimod > placebo"
+    wrong = ranking_agreement({"placebo": 1.0, "laquinimod": 3.0, "ocrelizumab": 5.0}, strength)
+    assert wrong["concordance"] == 0.0 and not wrong["exact"]
+    ties = ranking_agreement({"placebo": 2.0, "laquinimod": 2.0, "ocrelizumab": 2.0}, strength)
+    assert ties["concordance"] == 0.5 and not ties["exact"]
+    assert ties["predicted_order_text"] == "placebo = laquinimod = ocrelizumab"
+    # arms of equal true strength are not compared
+    equal = ranking_agreement({"a": 1.0, "b": 2.0, "c": 0.0}, {"a": 0.5, "b": 0.5, "c": 0.9})
+    assert equal["n_pairs"] == 2 and equal["concordance"] == 1.0
+
+
+def test_population_rates() -> None:
+    got = population_rates([("placebo", 24, 6), ("placebo", 48, 6), ("ocrelizumab", 24, 0)])
+    assert got["rate_per_week"]["placebo"] == pytest.approx(12 / 72)
+    assert got["rate_per_week"]["ocrelizumab"] == 0.0
+    assert got["pooled_rate_per_week"] == pytest.approx(12 / 96)
+    assert got["rate_per_week"]["laquinimod"] == pytest.approx(12 / 96)  # no training case: pooled rate
+    assert "laquinimod" in got["fallback"] and "placebo" not in got["fallback"]
+    assert got["n_cases"]["placebo"] == 2
+    with pytest.raises(ValueError):
+        population_rates([])
+
+
+def test_pooled_lesion_detection_conventions() -> None:
+    from scripts.evaluation import _pooled_detection
+
+    def table(n_pred: int, n_true: int, matched: int, tp: int) -> dict:
+        return {"n_forecast_lesions": n_pred, "n_true_lesions": n_true, "matched_forecast_lesions": matched, "tp": tp}
+
+    got = _pooled_detection([table(2, 3, 1, 2), table(2, 1, 2, 1)])
+    assert (got["precision"], got["recall"]) == (0.75, 0.75) and got["f1"] == pytest.approx(0.75)
+    assert (got["tp"], got["fp"], got["fn"]) == (3, 1, 1)
+    missed = _pooled_detection([table(0, 3, 0, 0)])  # nothing forecast: precision undefined, F1 0 (recall 0)
+    assert missed["precision"] is None and missed["recall"] == 0.0 and missed["f1"] == 0.0
+    assert _pooled_detection([table(0, 0, 0, 0)])["f1"] is None
+
+
+def test_lesion_table_matches_lesions_module_and_measures_anisotropic_distances() -> None:
+    ref, pred = np.zeros((12, 12, 12), np.uint8), np.zeros((12, 12, 12), np.uint8)
+    ref[2, 2, 2] = 1  # lesion A
+    ref[8:10, 8:10, 8:10] = 1  # lesion B, missed
+    pred[2, 2, 4] = 1  # near A but not touching: two voxels away along axis 2
+    pred[2:4, 2, 2] = 1  # overlaps A
+    affine = np.diag([1.0, 2.0, 3.0, 1.0])
+    got = lesion_table(pred, ref, affine)
+    expected = match_lesions(pred, ref)
+    for key in ("tp", "fp", "fn", "precision", "recall", "f1", "dice"):
+        assert got[key] == pytest.approx(expected[key]), key
+    assert (got["tp"], got["fp"], got["fn"]) == (1, 1, 1)
+    first, second = got["true_lesions"]
+    assert first["detected"] and not second["detected"]
+    # forecast centroids (2.5, 2, 2) and (2, 2, 4) at 1 x 2 x 3 mm: A (2, 2, 2) is 0.5 mm from the first;
+    # B (8.5, 8.5, 8.5) is nearer the second: (6.5 * 1, 6.5 * 2, 4.5 * 3) mm
+    assert first["distance_mm"] == pytest.approx(0.5)
+    assert second["distance_mm"] == pytest.approx(math.sqrt(6.5 ** 2 + 13 ** 2 + 13.5 ** 2), abs=1e-3)
+    regions = np.full(ref.shape, 4, np.uint8)
+    regions[:6] = 1  # periventricular half
+    with_regions = lesion_table(pred, ref, affine, regions)
+    assert with_regions["true_regions"] == ["periventricular", "deep_white_matter"]
+    assert lesion_table(np.zeros_like(ref), ref, affine)["true_lesions"][0]["distance_mm"] is None
+
+
+# ---- the evaluator on perfect forecasts (no network) ----
+
+
+def _case_inputs(case: dict, truth: dict, base: Path, arms: list[str], k: int) -> dict:
+    """Hook arguments of a forecast whose every sample is the true counterfactual mask (working = reference grid)."""
+    label = nib.load(case["label"])
+    affine, shape = label.affine, label.shape
+    masks = np.stack([np.asanyarray(nib.load(base / truth["counterfactual_labels"][a]).dataobj) > 0 for a in arms])
+    samples = np.repeat(masks[:, None], k, axis=1)  # (A, K, *S)
+    arms_out = {}
+    for a, arm in enumerate(arms):
+        figures = summarize_arm(samples[a], affine)
+        figures.pop("prob_working")
+        arms_out[arm] = figures
+    data = {"cond": np.zeros((len(CONDITION_CHANNELS), *shape), np.float32), "working_affine": affine,
+            "reference_affine": affine, "reference_shape": np.asarray(shape)}
+    forecast = {"id": case["id"], "num_samples": k, "horizon_weeks": float(case["horizon_weeks"]), "arms": arms_out}
+    return {"case": case, "data": data, "samples": samples, "forecast": forecast,
+            "probs": {arm: samples[a].mean(0).astype(np.float32) for a, arm in enumerate(arms)},
+            "regions": np.full(shape, 4, np.uint8)}
+
+
+def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -> None:
+    from scripts.data import load_datalist
+
+    arms = ["placebo", "laquinimod", "ocrelizumab"]
+    evaluator = Evaluator(tiny_cohort, tmp_path)
+    cases = load_datalist(tiny_cohort, "testing")
+    for case in cases:
+        truth = json.loads((tiny_cohort.parent / "truth" / f"{case['id']}.json").read_text())
+        if truth["treatment"] not in arms:  # keep the factual arm among the forecast arms
+            case["treatment"] = truth["treatment"] = "placebo"
+            case["label"] = str(tiny_cohort.parent / truth["counterfactual_labels"]["placebo"])
+        evaluator(**_case_inputs(case, truth, tiny_cohort.parent, arms, k=2))
+    metrics = evaluator.write()
+    overall = metrics["overall"]
+    assert overall["n_cases"] == len(cases)
+    assert overall["dice_all"] == 1.0 and overall["count_mae"] == 0.0 and overall["ged_mean"] == 0.0
+    assert overall["ece"] == 0.0 and overall["interval_coverage_90"] == 1.0
+    assert overall["lesion_recall"] in (1.0, None) and overall["lesion_precision"] in (1.0, None)
+    location = overall["location"]
+    assert location["share_within"] in (1.0, None)
+    detected = sum(v["detected"] for v in location["detection_by_region"].values())
+    assert detected == location["true_lesions"]
+    cf = metrics["counterfactual"]
+    assert cf["available"] and set(cf["per_arm"]) == set(arms)
+    for figures in cf["per_arm"].values():
+        assert figures["dice_mean"] == 1.0 and figures["lesion_f1_mean"] == 1.0
+    # realised counterfactual lesions are nested (stronger arm: a subset), so perfect forecasts never rank wrongly
+    assert cf["ranking"]["case_mean_concordance"] >= 0.5
+    assert metrics["baselines"]["oracle"]["available"] and metrics["baselines"]["population"]["available"]
+    assert not metrics["baselines"]["deterministic"]["available"]
+    assert "not provided" in metrics["baselines"]["deterministic"]["note"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["dice_all"] == 1.0
+    assert "## Counterfactual forecasts" in (tmp_path / "report.md").read_text()
+
+
+def test_evaluator_without_truth_files_skips_counterfactuals(tiny_cohort: Path, tmp_path: Path) -> None:
+    from scripts.data import load_datalist
+
+    case = load_datalist(tiny_cohort, "testing")[0]
+    truth = json.loads((tiny_cohort.parent / "truth" / f"{case['id']}.json").read_text())
+    evaluator = Evaluator(tiny_cohort, tmp_path, truth_dir=tmp_path / "none", figures=False)
+    evaluator(**_case_inputs(case, truth, tiny_cohort.parent, [case["treatment"]], k=1))
+    metrics = evaluator.results()
+    assert not metrics["counterfactual"]["available"] and "no truth files" in metrics["counterfactual"]["note"]
+    assert metrics["baselines"]["population"]["available"]  # the tiny cohort has a training split
+    assert not metrics["baselines"]["oracle"]["available"]
+    assert metrics["overall"]["n_cases"] == 1
+
+
+def test_population_baseline_needs_a_training_split(tmp_path: Path) -> None:
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "testing": []}))
+    evaluator = Evaluator(datalist, tmp_path / "out", figures=False)
+    evaluator.prepare()
+    section = evaluator.results()["baselines"]["population"]
+    assert not section["available"] and "no training case" in section["note"]
+    datalist.write_text(json.dumps({"testing": []}))
+    evaluator = Evaluator(datalist, tmp_path / "out", figures=False)
+    evaluator.prepare()
+    assert "no list 'training'" in evaluator.results()["baselines"]["population"]["note"]
+
+
+# ---- the bundle command ----
+
+
+def test_evaluate_config_mirrors_the_deterministic_training_network_and_defaults_to_no_baselines() -> None:
+    from monai.bundle import ConfigParser
+
+    configs = REPO_ROOT / "bundle" / "configs"
+    evaluate = ConfigParser.load_config_file(configs / "evaluate.json")
+    trained = ConfigParser.load_config_file(configs / "train_deterministic.json")["network_def"]
+    # the checkpoint of train_deterministic.json must load: every architecture setting it uses is mirrored
+    assert set(trained) <= set(evaluate["deterministic_def"]) | {"_target_"}
+    assert evaluate["deterministic_def"]["_target_"] == trained["_target_"]
+    parser = ConfigParser()
+    parser.read_config([str(configs / "inference.json"), str(configs / "evaluate.json")])
+    assert parser.get_parsed_content("overwrite") is True  # the samples are needed: every case is forecast anew
+    assert parser.get_parsed_content("deterministic_network") is None
+    assert parser.get_parsed_content("unaware_network") is None
+    assert parser.get_parsed_content("unaware_inferer").arms is None  # null treatment token
+    assert isinstance(parser.get_parsed_content("evaluation"), Evaluator)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("eval_weights")
+    paths = {}
+    for name, cls, seed in (("model", ForecastDiffusionUNet, 0), ("unaware", ForecastDiffusionUNet, 1),
+                            ("deterministic", DeterministicForecastNet, 2)):
+        torch.manual_seed(seed)
+        paths[name] = folder / f"{name}.pt"
+        torch.save(cls(**SMALL).state_dict(), paths[name])
+    return paths
+
+
+def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tiny_weights: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    # the tiny cohort's test cases are under placebo and ocrelizumab: two arms keep the test short
+    args = ["--datalist", str(tiny_cohort), "--output_dir", str(out), "--ckpt_path", str(tiny_weights["model"]),
+            "--deterministic_ckpt", str(tiny_weights["deterministic"]), "--unaware_ckpt", str(tiny_weights["unaware"]),
+            "--treatments", "['placebo','ocrelizumab']", "--network_def#channels", "[8,16,16,16]",
+            "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--num_samples", "2", "--num_inference_steps",
+            "2", "--device", "cpu"]
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         "['bundle/configs/inference.json','bundle/configs/evaluate.json']", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"overall", "per_arm", "counterfactual", "baselines", "cases", "conventions"} <= set(metrics)
+    testing = json.loads(tiny_cohort.read_text())["testing"]
+    assert len(metrics["cases"]) == len(testing) == metrics["overall"]["n_cases"]
+    for key in ("dice_active", "dice_all", "lesion_precision", "lesion_recall", "lesion_f1", "count_mae",
+                "count_spearman", "interval_coverage_90", "auc", "average_precision", "balanced_accuracy", "ece",
+                "ged_mean", "location"):
+        assert key in metrics["overall"], key
+    assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "oracle"}
+    assert all(section["available"] for section in metrics["baselines"].values())
+    assert metrics["counterfactual"]["available"]
+    assert set(metrics["counterfactual"]["per_arm"]) == {"placebo", "ocrelizumab"}
+    report = (out / "report.md").read_text()
+    for heading in ("## Factual forecasts: all cases", "## Location", "## Uncertainty", "## Counterfactual",
+                    "## Conventions"):
+        assert heading in report
+    for name in ("reliability", "count_scatter", "roc", "effects"):
+        assert (out / f"{name}.png").stat().st_size > 10_000, name
+        assert f"({name}.png)" in report
+    for case in testing:
+        assert (out / case["id"] / "forecast.json").is_file()  # the forecast outputs are there as well
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

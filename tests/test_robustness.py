@@ -1,0 +1,458 @@
+"""Bad inputs and faults: every bad input is reported in one line naming case, key and reason, and leaves nothing;
+interrupted writes leave no partial file; a killed training resumes; a re-run skips finished cases.
+
+The forecast command is costly to start (~10 s), so one run forecasts a datalist holding every bad case and one good
+case, and each bad input is then checked on that run's report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts import data as D
+from scripts import engines as E
+from scripts import forecast as F
+from scripts.constants import ARMS, CONDITION_CHANNELS
+from scripts.network import ForecastDiffusionUNet
+from tests.conftest import REPO_ROOT
+
+SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
+         "num_head_channels": 16}
+FORECAST_FLAGS = ["--network_def#channels", "[8,16,16,16]", "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]",
+                  "--num_samples", "2", "--num_inference_steps", "2", "--device", "cpu", "--treatments", "['placebo']"]
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+GOOD = "good"
+
+
+def _forecast(datalist: Path, out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json", "--datalist",
+         str(datalist), "--output_dir", str(out), "--ckpt_path", str(weights), *FORECAST_FLAGS, *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _report(result: subprocess.CompletedProcess) -> list[str]:
+    """The lines the command printed for bad inputs: from its last ``ERROR:`` line to the end of stderr."""
+    lines = result.stderr.rstrip("\n").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith("ERROR: ")]
+    assert starts, f"no ERROR line; rc={result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[starts[-1]:]
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.save(ForecastDiffusionUNet(**SMALL).state_dict(), path)
+    return path
+
+
+def _absolute(case: dict[str, Any], folder: Path) -> dict[str, Any]:
+    return {k: str(folder / v) if k in D.LOADED_KEYS else v for k, v in case.items()}
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One forecast run over a datalist of bad cases and a good one
+# ---------------------------------------------------------------------------------------------------------------
+
+# case id -> (key the report must name, words the reason must hold); "{path}" is the case's bad file
+BAD: dict[str, tuple[str, list[str]]] = {
+    "missing_file": ("t1_1", ["file not found", "{path}"]),
+    "unreadable": ("t2_1", ["cannot read", "{path}"]),
+    "truncated_gz": ("flair_1", ["cannot read", "{path}"]),
+    "truncated_nii": ("pd_1", ["cannot read", "{path}"]),
+    "image_2d": ("t1_1", ["expected a 3D volume", "2D", "(32, 32)"]),
+    "image_4d": ("t1_1", ["expected a 3D volume", "4D", "(32, 32, 32, 2)"]),
+    "nan_voxels": ("t1_1", ["3 NaN", "0 infinite"]),
+    "inf_voxels": ("t2_1", ["0 NaN", "2 infinite"]),
+    "all_zero_mri": ("t1_1", ["all voxels are 0"]),
+    "other_world_space": ("t1_1", ["does not overlap", "flair_1", "world space"]),
+    "unknown_treatment": ("treatment", ["aspirin", *ARMS]),
+    "horizon_too_long": ("horizon_weeks", ["60", "trained range", "[12, 48]"]),
+    "horizon_too_short": ("horizon_weeks", ["4", "trained range", "[12, 48]"]),
+    "#13": ("id", ["required key missing"]),
+    "no_visit1_mri": ("flair_1", ["no MRI of visit 1"]),
+    "label_elsewhere": ("label", ["does not overlap", "flair_1"]),
+}
+
+
+def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]]:
+    """Datalist ``testing``: every case of :data:`BAD`, then the good case; returns it and each case's bad file."""
+    good = _absolute(json.loads(tiny_cohort.read_text())["testing"][0], tiny_cohort.parent)
+    flair = nib.load(good["flair_1"])
+    image, affine = np.asarray(flair.dataobj, dtype=np.float32), flair.affine
+    files: dict[str, str] = {"missing_file": str(folder / "no_such_t1.nii.gz")}
+    (folder / "unreadable.nii.gz").write_bytes(b"this is not a NIfTI file")
+    files["unreadable"] = str(folder / "unreadable.nii.gz")
+    whole = Path(good["flair_1"]).read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    files["truncated_gz"] = str(folder / "truncated.nii.gz")
+    full = _save(image, affine, folder / "full.nii")
+    (folder / "truncated.nii").write_bytes(Path(full).read_bytes()[: 352 + image.nbytes // 3])
+    files["truncated_nii"] = str(folder / "truncated.nii")
+    files["image_2d"] = _save(image[:, :, 16], affine, folder / "image_2d.nii.gz")
+    files["image_4d"] = _save(np.stack([image, image], -1), affine, folder / "image_4d.nii.gz")
+    nan = image.copy()
+    nan[1, 2, 3] = nan[4, 5, 6] = nan[7, 8, 9] = np.nan
+    files["nan_voxels"] = _save(nan, affine, folder / "nan.nii.gz")
+    inf = image.copy()
+    inf[1, 2, 3], inf[4, 5, 6] = np.inf, -np.inf
+    files["inf_voxels"] = _save(inf, affine, folder / "inf.nii.gz")
+    files["all_zero_mri"] = _save(np.zeros_like(image), affine, folder / "zero.nii.gz")
+    moved = affine.copy()
+    moved[:3, 3] += (500.0, 0.0, 0.0)  # half a metre away: no overlap with the reference FLAIR
+    files["other_world_space"] = _save(image, moved, folder / "moved.nii.gz")
+    label = nib.load(good["label"])
+    files["label_elsewhere"] = _save(np.asarray(label.dataobj), moved, folder / "moved_label.nii.gz")
+    cases: list[dict[str, Any]] = []
+    for case_id, (key, _) in BAD.items():
+        case = dict(good, id=case_id)
+        if case_id in files:
+            case[key] = files[case_id]
+        cases.append(case)
+    by_id = {c["id"]: c for c in cases}
+    by_id["unknown_treatment"]["treatment"] = "aspirin"
+    by_id["horizon_too_long"]["horizon_weeks"] = 60
+    by_id["horizon_too_short"]["horizon_weeks"] = 4
+    del by_id["#13"]["id"]
+    for key in D.VISIT1_MRI_KEYS:
+        by_id["no_visit1_mri"].pop(key, None)
+    assert list(BAD).index("#13") == 13  # an entry without id is named by its position
+    # an empty lesion mask is a valid input (no lesion seen): the good case has one
+    empty = _save(np.zeros(nib.load(good["gadles_1"]).shape, np.uint8), nib.load(good["gadles_1"]).affine,
+                  folder / "empty_gadles.nii.gz")
+    cases.append(dict(good, id=GOOD, gadles_1=empty))
+    datalist = folder / "datalist.json"
+    datalist.write_text(json.dumps({"testing": cases}))
+    return datalist, files
+
+
+@pytest.fixture(scope="module")
+def bad_run(tiny_cohort: Path, small_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    datalist, files = _bad_datalist(tiny_cohort, folder)
+    out = folder / "out"
+    result = _forecast(datalist, out, small_weights)
+    return {"result": result, "report": _report(result), "out": out, "files": files, "datalist": datalist}
+
+
+def test_bad_run_finishes_the_good_case_and_fails(bad_run: dict[str, Any]) -> None:
+    result, out = bad_run["result"], bad_run["out"]
+    assert result.returncode != 0
+    assert bad_run["report"][0] == f"ERROR: {len(BAD)} case(s) failed:", bad_run["report"]
+    assert len(bad_run["report"]) == 1 + len(BAD), bad_run["report"]
+    assert (out / GOOD / "forecast.json").is_file() and (out / GOOD / "placebo_prob.nii.gz").is_file()
+    # nothing of a bad case and no staging or temporary file is left: just the good case and the summary
+    assert sorted(p.name for p in out.iterdir()) == [GOOD, "summary.csv"]
+    with open(out / "summary.csv") as handle:
+        assert [row["id"] for row in csv.DictReader(handle)] == [GOOD]
+
+
+@pytest.mark.parametrize("case_id", list(BAD))
+def test_bad_input_is_reported_in_one_line(bad_run: dict[str, Any], case_id: str) -> None:
+    key, words = BAD[case_id]
+    prefix = f"case {case_id!r}: {key}: "
+    lines = [line for line in bad_run["report"][1:] if line.startswith(f"case {case_id!r}: ")]
+    assert len(lines) == 1 and lines[0].startswith(prefix), (prefix, bad_run["report"])
+    path = bad_run["files"].get(case_id, "")
+    for word in words:
+        assert word.replace("{path}", path) in lines[0], (word, lines[0])
+    assert not (bad_run["out"] / case_id).exists()
+
+
+def test_rerun_skips_finished_cases_and_clears_leftovers(bad_run: dict[str, Any], small_weights: Path) -> None:
+    """Re-running over the output folder skips the finished case and removes what a killed run left behind."""
+    out = bad_run["out"]
+    done = out / GOOD / "forecast.json"
+    before = done.stat().st_mtime_ns
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # a staging folder of that (now dead) process, named as the runner names its own
+    stale = out / (F.temp_prefix(GOOD).replace(f"-{os.getpid()}@", f"-{int(dead.stdout)}@") + "staging")
+    stale.mkdir()
+    (stale / "placebo_prob.nii.gz").write_bytes(b"half written")
+    result = _forecast(bad_run["datalist"], out, small_weights)
+    assert result.returncode != 0 and _report(result) == bad_run["report"]
+    assert "already forecast" in result.stderr + result.stdout
+    assert done.stat().st_mtime_ns == before
+    assert sorted(p.name for p in out.iterdir()) == [GOOD, "summary.csv"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad datalist files and a checkpoint of another network: one line naming the file and the problem
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ('{"testing": [{"id": "a",}]}', ["not valid JSON", "line 1"]),
+        ('{"training": [], "validation": []}', ["no list 'testing'", "'training'"]),
+    ],
+    ids=["not_json", "no_testing_list"],
+)
+def test_bad_datalist_file(small_weights: Path, tmp_path: Path, content: str, words: list[str]) -> None:
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(content)
+    result = _forecast(datalist, tmp_path / "out", small_weights)
+    assert result.returncode != 0
+    (line,) = _report(result)
+    assert line.startswith(f"ERROR: datalist {datalist}: ") and all(w in line for w in words), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_network(tiny_cohort: Path, tmp_path: Path) -> None:
+    other = ForecastDiffusionUNet(**dict(SMALL, channels=(8, 16, 16, 32)))
+    weights = tmp_path / "other.pt"
+    torch.save({"model": other.state_dict()}, weights)
+    own, theirs = ForecastDiffusionUNet(**SMALL).state_dict(), other.state_dict()
+    differ = sorted(k for k in own if k in theirs and own[k].shape != theirs[k].shape)
+    assert differ
+    result = _forecast(tiny_cohort, tmp_path / "out", weights)
+    assert result.returncode != 0
+    (line,) = _report(result)
+    assert line.startswith(f"ERROR: checkpoint {weights} does not match the network (ForecastDiffusionUNet"), line
+    assert "shape differs" in line and differ[0] in line, line
+    assert f"checkpoint {tuple(theirs[differ[0]].shape)}, network {tuple(own[differ[0]].shape)}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_requested_arm_lists_the_valid_ones(tiny_cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(D.InputError, match="treatments: unknown treatment 'aspirin'; valid arms are: placebo, "):
+        F.ForecastRunner(tiny_cohort, tmp_path, _stub_preprocessing, torch.nn.Identity(), _StubInferer(),
+                         arms=["placebo", "aspirin"])
+
+
+def test_horizon_range_is_the_trained_range() -> None:
+    configs = REPO_ROOT / "bundle" / "configs"
+    inference = json.loads((configs / "inference.json").read_text())
+    metadata = json.loads((configs / "metadata.json").read_text())
+    assert inference["horizon_range"] == metadata["forecast_horizon"]["trained_range"]
+    assert inference["forecaster"]["horizon_range"] == "@horizon_range"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interrupted writes (in-process: the forecast runner with a stub sampler, and the checkpoint saver)
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZE = 8
+
+
+class _StubInferer:
+    """Random binary samples ``(1, A, K, *S)`` in place of the diffusion sampler."""
+
+    num_samples = 2
+
+    def __call__(self, cond: torch.Tensor, network: Any, horizon: torch.Tensor, arms: list[str]) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        shape = (1, len(arms), self.num_samples, *cond.shape[2:])
+        return (torch.rand(shape, generator=generator) > 0.95).float()
+
+
+def _stub_preprocessing(case: dict) -> dict:
+    cond = torch.zeros((len(CONDITION_CHANNELS), SIZE, SIZE, SIZE))
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    return {"cond": cond, "horizon": torch.tensor(24.0), "working_affine": affine, "reference_affine": affine,
+            "reference_shape": (SIZE, SIZE, SIZE)}
+
+
+def _runner(tiny_cohort: Path, tmp_path: Path, **kwargs: Any) -> F.ForecastRunner:
+    flair = tiny_cohort.parent / json.loads(tiny_cohort.read_text())["testing"][0]["flair_1"]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"id": "a", "flair_1": str(flair)}]}))
+    return F.ForecastRunner(datalist, tmp_path / "out", _stub_preprocessing, torch.nn.Identity(), _StubInferer(),
+                            arms=["placebo", "ocrelizumab"], figure=False, **kwargs)
+
+
+@pytest.fixture
+def interrupt_forecast_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing ``forecast.json`` stops half-way with a KeyboardInterrupt (as Ctrl-C would)."""
+    write_text = Path.write_text
+
+    def interrupted(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        if self.name != "forecast.json":
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+
+
+def test_interrupted_forecast_json_leaves_nothing(tiny_cohort: Path, tmp_path: Path,
+                                                  interrupt_forecast_json: None) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _runner(tiny_cohort, tmp_path).run()
+    assert list(out.iterdir()) == []  # no case folder, no staging folder, no half-written JSON or NIfTI
+
+
+def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    _runner(tiny_cohort, tmp_path).run()
+    previous = {p.name: p.read_bytes() for p in (out / "a").iterdir()}
+    write_text = Path.write_text
+
+    def interrupted(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        if self.name == "forecast.json":
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _runner(tiny_cohort, tmp_path, overwrite=True).run()
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (out / "a").iterdir()} == previous
+    assert sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+    # a completed overwrite replaces the folder as a whole
+    (out / "a" / "stale.txt").write_text("from the previous run")
+    _runner(tiny_cohort, tmp_path, overwrite=True).run()
+    assert not (out / "a" / "stale.txt").exists() and (out / "a" / "forecast.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+
+
+def test_stale_temporaries_of_live_processes_are_kept(tmp_path: Path) -> None:
+    mine = tmp_path / f"{F.temp_prefix('a')}staging"
+    mine.mkdir()
+    other_host = tmp_path / f".a.tmp-1@{'x' * 41}-staging"
+    other_host.mkdir()
+    assert F.remove_stale_temporaries(tmp_path) == [] and mine.is_dir() and other_host.is_dir()
+
+
+def test_checkpoint_savers_are_atomic(tmp_path: Path) -> None:
+    """Every file the bundle's savers write (interval checkpoints, the best model) goes through AtomicDiskSaver."""
+    network = torch.nn.Linear(2, 2)
+    trainer_saver = E.TrainerCheckpointSaver(str(tmp_path), {"network": network}, save_interval=1, n_saved=1)
+    assert isinstance(trainer_saver._interval_checkpoint.save_handler, E.AtomicDiskSaver)
+    best = E.AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_key_metric=True,
+                                   key_metric_filename="model.pt")
+    handler = best._key_metric_checkpoint.save_handler
+    assert isinstance(handler, E.AtomicDiskSaver) and handler.filename == "model.pt"
+
+
+def test_resumed_run_counts_earlier_checkpoints(tmp_path: Path) -> None:
+    """With ``n_saved=1`` the checkpoint a run resumed from is deleted once the next one is written."""
+    from ignite.engine import Engine, Events
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "checkpoint_epoch=1.pt")
+    engine = Engine(lambda engine, batch: None)
+
+    def resume(engine: Engine) -> None:  # what ResumeFromCheckpoint's loader does at STARTED
+        engine.state.epoch, engine.state.iteration = 1, 2
+
+    engine.add_event_handler(Events.STARTED, resume)
+    E.TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=1,
+                             n_saved=1).attach(engine)
+    engine.run([0, 1], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
+
+
+def test_interrupted_checkpoint_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saver = E.AtomicDiskSaver(tmp_path)
+    saver({"w": torch.zeros(3)}, "checkpoint_epoch=1.pt")
+    save = torch.save
+
+    def interrupted(obj: Any, handle: Any, **kwargs: Any) -> None:
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        saver({"w": torch.ones(3)}, "checkpoint_epoch=2.pt")
+    monkeypatch.setattr(torch, "save", save)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_epoch=1.pt"]
+    assert torch.equal(torch.load(tmp_path / "checkpoint_epoch=1.pt")["w"], torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training killed with SIGKILL mid-epoch resumes from the last checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = [
+    "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--batch_size", "1", "--val_interval", "100",
+    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_def#channels", "[8,16,16,16]",
+    "--device", "cpu", "--checkpoint_interval", "1", "--train#trainer#max_epochs", "3",
+]
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer"]
+    return int(state["iteration"]) // int(state["epoch_length"])
+
+
+def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json",
+               "--datalist", str(tiny_cohort), "--output_dir", str(tmp_path), *TRAIN_FLAGS]
+    models, log = tmp_path / "models", tmp_path / "first.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        # kill once the first checkpoint is written and a later epoch is half done (4 iterations each)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if (models / "checkpoint_epoch=1.pt").is_file() or (models / "checkpoint_epoch=2.pt").is_file():
+                if re.search(r"Epoch \[[23]/3\]: \[2/4\]", log.read_text(errors="replace")):
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, "training ended before it could be killed:\n" + log.read_text()[-3000:]
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    last = E.latest_checkpoint(str(models))
+    assert last is not None
+    epoch = _epoch_of(Path(last))
+    assert epoch in (1, 2)
+    # what a kill in the middle of a save leaves: the hidden temporary file, never a truncated checkpoint
+    (models / ".checkpoint_epoch=3.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"resuming from {last}" in output and f"resumed at epoch {epoch}," in output, output[-3000:]
+    assert f"Epoch [{epoch}/3]" not in output and f"Epoch [{epoch + 1}/3]" in output  # continues at epoch + 1
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt"]
+    for checkpoint in models.iterdir():  # every checkpoint is whole
+        assert _epoch_of(checkpoint) == 3
+    shutil.rmtree(tmp_path / "tensorboard", ignore_errors=True)
+
+
+def test_fields_of_view_overlap() -> None:
+    """Overlap of grid boxes: shifted, touching, partly overlapping, and a rotated (oblique) grid."""
+    grid = np.diag([2.0, 2.0, 2.0, 1.0])  # 10 voxels of 2 mm: field of view [-1, 19] mm per axis
+    shifted = grid.copy()
+    shifted[:3, 3] = (20.0, 0.0, 0.0)  # [19, 39] mm in x: touches, no volume in common
+    assert not D.fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
+    shifted[0, 3] = 15.0  # [14, 34] mm: 5 mm in common
+    assert D.fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    oblique = np.eye(4)
+    oblique[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * 3.0
+    oblique[:3, 3] = (9.0, -10.0, 5.0)  # a rotated 3 mm grid reaching into the first box
+    assert D.fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
+    oblique[:3, 3] = (9.0, -60.0, 5.0)
+    assert not D.fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
+    box = D.world_bounding_box(grid, (10, 10, 10))
+    np.testing.assert_allclose(box, [[-1, -1, -1], [19, 19, 19]])
