@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from scripts.constants import ARMS, arm_index
 from scripts.data import CaseError, load_datalist, to_reference_grid
-from scripts.lesions import count_lesions, dice, label_lesions, voxel_volume_mm3
+from scripts.lesions import count_lesions, dice, label_lesions, load_mask, voxel_volume_mm3
 from scripts.regions import REGIONS, lesion_regions
 
 logger = logging.getLogger(__name__)
@@ -589,15 +589,10 @@ def count_native(path: str | os.PathLike) -> int:
 
 def load_mask_on(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """A binary NIfTI mask on the grid (``affine``, ``shape``); nearest-neighbour resampled when on another grid."""
-    image = nib.load(str(path))
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D mask, got shape {data.shape}")
-    if tuple(data.shape) == tuple(shape) and np.allclose(image.affine, affine, atol=1e-3):
-        return data > 0.5
-    return to_reference_grid((data > 0.5).astype(np.float32), image.affine, affine, shape, mode="nearest") > 0.5
+    mask, own_affine = load_mask(path)
+    if tuple(mask.shape) == tuple(shape) and np.allclose(own_affine, affine, atol=1e-3):
+        return mask
+    return to_reference_grid(mask.astype(np.float32), own_affine, affine, shape, mode="nearest") > 0.5
 
 
 def _json_default(value: Any) -> Any:

@@ -108,7 +108,8 @@ def analyze_mask(mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | N
     return result
 
 
-def _load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A binary 3D NIfTI mask (voxels > 0.5) and its affine; refuses other shapes and NaN/Inf values."""
     import nibabel as nib
 
     image = nib.load(str(path))
@@ -124,10 +125,10 @@ def _load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def main(mask: str, reference: str | None = None) -> None:
     """Print the lesion analysis of MASK (and its detection against REFERENCE) as one JSON object."""
-    data, affine = _load_mask(mask)
+    data, affine = load_mask(mask)
     ref = None
     if reference is not None:
-        ref, ref_affine = _load_mask(reference)
+        ref, ref_affine = load_mask(reference)
         if ref.shape != data.shape or not np.allclose(ref_affine, affine, atol=1e-3):
             raise SystemExit(f"error: {reference} does not lie on the grid of {mask} (shape or affine differ)")
     print(json.dumps(analyze_mask(data, affine, ref)))
