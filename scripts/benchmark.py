@@ -185,10 +185,14 @@ def load_config(args: argparse.Namespace) -> Any:
     overrides["device"] = f"$torch.device('{args.device}')"
     overrides["inferer#progress"] = False
     overrides["num_samples"] = args.num_samples
-    for key in ("num_inference_steps", "chunk_size", "precision", "channels_last", "compile"):
+    for key in ("spatial_size", "spacing"):  # e.g. the 1-1.5 mm GPU run
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    switches = ("precision", "channels_last", "compile", "reuse_memory")
+    for key in ("num_inference_steps", "chunk_size", *switches):
         value = getattr(args, key)
         if value is not None:
-            overrides[f"inferer#{key}" if key in ("precision", "channels_last", "compile") else key] = value
+            overrides[f"inferer#{key}" if key in switches else key] = value
     for key, value in overrides.items():
         parser[key] = value
     return parser
@@ -284,7 +288,7 @@ def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": {"num_inference_steps": sampler.num_inference_steps, "guidance_scale": sampler.guidance_scale,
                     "chunk_size": sampler.chunk_size, "channels_last": sampler.channels_last,
                     "precision": resolve_precision(sampler.precision, torch.device(args.device)),
-                    "compile": use_compile,
+                    "compile": use_compile, "reuse_memory": sampler.reuse_memory,
                     "network_evaluations_per_sample": sampler.network_evaluations_per_sample},
     }
     if torch.device(args.device).type == "cuda":
@@ -337,20 +341,22 @@ def network_flops_per_row(network: nn.Module, cond: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_flops_per_second(device: str, size: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) product over ``repeats`` timed runs after one warm-up."""
+def matmul_flops_per_second(device: str, size: int, repeats: int = 5,
+                            dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """Best FLOP/s of a (size x size) @ (size x size) product over ``repeats`` timed runs after one warm-up, per
+    second of wall time and per second of process CPU time (all threads; the figure other jobs disturb least)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     torch.mm(a, b)
     _sync(torch.device(device))
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         _sync(torch.device(device))
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - cpu_start)
+    return 2.0 * size**3 / best, 2.0 * size**3 / max(best_cpu, 1e-9)
 
 
 def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: int) -> tuple[float, float]:
@@ -359,7 +365,8 @@ def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: 
     One sample at a time (batch 1), float32, default memory format: the stock path without this project's switches.
 
     The scheduler uses the model's own schedule and prediction type (from the config's ``noise_scheduler``);
-    the first step is a warm-up, the next ``steps`` are timed.
+    the first step is a warm-up, the next ``steps`` are timed one by one and the fastest counts (which makes the
+    speedup conservative on a loaded machine).
     """
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDPMScheduler
@@ -379,12 +386,16 @@ def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: 
     noise = torch.randn((1, 1, *cond.shape[2:]), generator=torch.Generator().manual_seed(0)).to(device)
     scheduler.timesteps = all_timesteps[:1]
     image = inferer.sample(noise, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
-    scheduler.timesteps = all_timesteps[1:1 + steps]
-    _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    inferer.sample(image, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
-    _sync(device)
-    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+    walls, cpus = [], []
+    for i in range(1, 1 + steps):  # one step per call: the fastest is the figure least disturbed by other jobs
+        scheduler.timesteps = all_timesteps[i:i + 1]
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        image = inferer.sample(image, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
+        _sync(device)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return min(walls), min(cpus)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -399,6 +410,33 @@ def activity_auc(scores: Sequence[float], active: Sequence[bool]) -> float | Non
         return None
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (pos.size * neg.size))
+
+
+def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: torch.Tensor, treatment: torch.Tensor,
+                    horizon: torch.Tensor, timesteps: Sequence[int] = (999, 750, 500, 250, 50)) -> dict[str, float]:
+    """Largest error of the network's output (relative RMS) and of its x0 prediction (max abs) under ``precision``
+    autocast against float32, over a background-only x_t (x0 = -1) at several timesteps."""
+    from scripts.sampler import PRECISIONS
+
+    rel_rms, x0_err = 0.0, 0.0
+    g = torch.Generator().manual_seed(0)
+    n = cond.shape[0]
+    with torch.inference_mode():
+        for step in timesteps:
+            t = torch.full((n,), step, dtype=torch.long, device=cond.device)
+            noise = torch.randn((n, 1, *cond.shape[2:]), generator=g).to(cond.device)
+            x_t = scheduler.add_noise(-torch.ones_like(noise), noise, t)
+            x_in = scheduler.scale_model_input(x_t, t) if hasattr(scheduler, "scale_model_input") else x_t
+            reference = network(x_in, t, cond, treatment, horizon).float()
+            with torch.autocast(device_type=cond.device.type, dtype=PRECISIONS[precision]):
+                reduced = network(x_in, t, cond, treatment, horizon).float()
+            rel_rms = max(rel_rms, float((reduced - reference).pow(2).mean().sqrt()
+                                         / reference.pow(2).mean().sqrt().clamp_min(1e-12)))
+            alpha = scheduler.alphas_cumprod.to(cond.device)[step]
+            x0_ref = scheduler.predict_x0_eps(reference, x_t, alpha)[0]
+            x0_red = scheduler.predict_x0_eps(reduced, x_t, alpha)[0]
+            x0_err = max(x0_err, float((x0_red - x0_ref).abs().max()))
+    return {"output_relative_rms_error": rel_rms, "x0_max_abs_error": x0_err}
 
 
 def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, weights: str) -> dict[str, Any]:
@@ -432,6 +470,7 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     active: dict[str, list[float]] = {name: [] for name in samplers}
     agreement: dict[str, list[float]] = {name: [] for name in samplers if name != "fast"}
     observed, expected = [], []
+    precision_errors: dict[str, float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="benchmark_parity_") as tmp:
         datalist = generate_cohort(tmp, n=args.parity_cases, seed=args.parity_seed, shape=size, spacing=spacing,
@@ -456,6 +495,9 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
                 active[name].append(summary["p_active"])
             for name in agreement:
                 agreement[name].append(float((masks["fast"] == masks[name]).mean()))
+            if index == 0 and "fast_float32" in samplers:
+                precision_errors = precision_error(network, scheduler, resolve_precision(fast.precision, device),
+                                                   cond.expand(k, *cond.shape[1:]), treatment, horizon)
     obs, exp = np.asarray(observed), np.asarray(expected)
     result: dict[str, Any] = {
         "cohort": f"scripts.synthetic.generate_cohort(n={args.parity_cases}, seed={args.parity_seed}, "
@@ -477,6 +519,11 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
         if name != "fast":
             result[f"count_mae_fast_vs_{name}"] = float(np.abs(np.asarray(counts["fast"]) - c).mean())
             result[f"voxel_agreement_fast_vs_{name}"] = float(np.mean(agreement[name]))
+    if "fast_float32" in samplers:
+        result["reduced_precision_error_first_case"] = precision_errors
+    if all(result[name]["mean_expected_count"] == 0 for name in samplers):
+        result["note"] = ("these weights forecast no lesion on these cases with any sampler: parity holds trivially "
+                          "and says nothing about the fast sampler's quality; rerun with weights that forecast lesions")
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -490,7 +537,6 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     from monai.bundle import ConfigParser
 
     from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
-    from scripts.engines import DiffusionPrepareBatch, WeightedMSELoss
 
     parser = ConfigParser()
     parser.read_config(str(args.train_config))
@@ -506,8 +552,8 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     crop = [int(s) for s in parser.get_parsed_content("train_crop_size")]
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(parser.get_parsed_content("lr")),
                                   weight_decay=float(parser.get_parsed_content("weight_decay")))
-    prepare = DiffusionPrepareBatch(scheduler, float(parser.get_parsed_content("treatment_dropout")))
-    loss_fn = WeightedMSELoss()
+    prepare = parser.get_parsed_content("train#prepare_batch")  # the config's objects: same target and loss
+    loss_fn = parser.get_parsed_content("train#loss")
     clip = float(parser.get_parsed_content("grad_clip_norm"))
     momentum = float(parser.get_parsed_content("ema_momentum"))
     amp = device.type == "cuda"
@@ -543,7 +589,8 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     return {"training_cases_per_second": batch_size * args.train_iterations / seconds,
             "training_seconds_per_iteration": seconds / args.train_iterations,
-            "training_setting": f"batch {batch_size}, crop {crop}, AdamW, weighted x0 loss, grad clip {clip}, EMA, "
+            "training_setting": f"batch {batch_size}, crop {crop}, AdamW, {type(loss_fn).__name__} "
+                                f"({scheduler.prediction_type}), grad clip {clip}, EMA, "
                                 f"amp={amp}; random tensors, data loading and augmentation excluded"}
 
 
@@ -565,9 +612,11 @@ def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[s
     rows = len(ARMS) * args.num_samples
 
     logger.info("matmul peak ...")
-    matmul = matmul_flops_per_second(args.device, args.matmul_size)
+    matmul, matmul_per_cpu = matmul_flops_per_second(args.device, args.matmul_size, repeats=args.matmul_repeats)
     logger.info("forecast (fresh process) ...")
     fc = forecast_in_subprocess(child_argv)
+    again = matmul_flops_per_second(args.device, args.matmul_size, repeats=args.matmul_repeats)
+    matmul, matmul_per_cpu = max(matmul, again[0]), max(matmul_per_cpu, again[1])  # measured before and after
     nfe = int(fc["sampler"]["network_evaluations_per_sample"])
     flops_row = network_flops_per_row(network, cond)
     flops = flops_row * rows * nfe
@@ -590,6 +639,9 @@ def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[s
     }
     result.update({
         "matmul_fraction": result["achieved_flops_per_second"] / matmul,
+        "matmul_flops_per_cpu_second": matmul_per_cpu,
+        "flops_per_cpu_second": flops / fc["forecast_cpu_seconds"],
+        "matmul_fraction_cpu_time": flops / fc["forecast_cpu_seconds"] / matmul_per_cpu,
         "flops_per_second_in_forward": flops / fc["forward_seconds"] if fc["forward_seconds"] > 0 else None,
         "sampling_seconds": fc["sampling_seconds"],
         "forward_seconds": fc["forward_seconds"],
@@ -605,7 +657,8 @@ def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[s
         "ddpm_extrapolated_from_steps": args.ddpm_steps,
         "ddpm_path": "monai.inferers.DiffusionInferer.sample + monai.networks.schedulers.DDPMScheduler(1000, "
                      "model's schedule and prediction type), mode='concat', one sample at a time, float32; "
-                     f"{args.ddpm_steps} steps timed after 1 warm-up, extrapolated x1000 steps x {rows} samples",
+                     f"{args.ddpm_steps} steps timed one by one after 1 warm-up, the fastest extrapolated "
+                     f"x1000 steps x {rows} samples",
         "peak_memory_kind": "GPU reserved" if "peak_gpu_bytes" in fc else "host peak RSS of the forecast process",
         "peak_host_rss_bytes": fc["peak_host_rss_bytes"],
         "baseline_rss_bytes": fc["baseline_rss_bytes"],
@@ -616,8 +669,9 @@ def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[s
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     })
     if fc["sampler"]["precision"] == "bfloat16":
-        result["matmul_bf16_flops_per_second"] = matmul_flops_per_second(args.device, args.matmul_size,
-                                                                         dtype=torch.bfloat16)
+        bf16_matmul = matmul_flops_per_second(args.device, args.matmul_size, args.matmul_repeats, torch.bfloat16)
+        result["matmul_bf16_flops_per_second"] = bf16_matmul[0]
+        result["matmul_bf16_fraction"] = result["achieved_flops_per_second"] / bf16_matmul[0]
     if args.chunk_sweep:
         result["chunk_sweep"] = chunk_sweep(args, child_argv, rows)
     if not args.skip_parity:
@@ -663,8 +717,11 @@ def format_report(result: dict[str, Any]) -> str:
         f"peak memory                   {result['peak_memory_bytes'] / gib:10.2f} GiB ({result['peak_memory_kind']})"
         + check(result["peak_memory_bytes"] < TARGETS["peak_memory_bytes"]),
     ]
+    lines.append(f"  in CPU time                 {r['flops_per_cpu_second'] / 1e9:10.1f} GFLOP per CPU s vs matmul "
+                 f"{r['matmul_flops_per_cpu_second'] / 1e9:.1f} -> {100 * r['matmul_fraction_cpu_time']:.1f} %")
     if "matmul_bf16_flops_per_second" in result:
-        lines.append(f"bf16 matmul                   {result['matmul_bf16_flops_per_second'] / 1e9:10.1f} GFLOP/s")
+        lines.append(f"bf16 matmul                   {r['matmul_bf16_flops_per_second'] / 1e9:10.1f} GFLOP/s -> "
+                     f"{100 * r['matmul_bf16_fraction']:.1f} % of it")
     if "training_cases_per_second" in result:
         lines.append(f"training throughput           {result['training_cases_per_second']:10.2f} cases/s "
                      f"({result['training_setting']})")
@@ -683,7 +740,21 @@ def format_report(result: dict[str, Any]) -> str:
                          f"agreement {parity[f'voxel_agreement_fast_vs_{name}']:.5f}")
             lines.append(line)
         lines.append(f"parity cohort: {parity['cohort']}; weights {parity['weights']}")
+        if "reduced_precision_error_first_case" in parity:
+            e = parity["reduced_precision_error_first_case"]
+            lines.append(f"reduced precision vs float32 network: output relative RMS error "
+                         f"{e['output_relative_rms_error']:.2e}, x0 max abs error {e['x0_max_abs_error']:.2e}")
+        if "note" in parity:
+            lines.append(f"parity NOTE: {parity['note']}")
     return "\n".join(lines)
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(v) for v in json.loads(value)]
+
+
+def _float_list(value: str) -> list[float]:
+    return [float(v) for v in json.loads(value)]
 
 
 def _bool(value: str) -> bool:
@@ -711,8 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default=None)
     p.add_argument("--channels_last", type=_bool, default=None)
     p.add_argument("--compile", type=_bool, default=None)
-    p.add_argument("--ddpm_steps", type=int, default=None, help="DDPM steps timed (default 3; quick 2)")
+    p.add_argument("--spatial_size", type=_int_list, default=None, help='working grid, e.g. "[128,128,128]"')
+    p.add_argument("--spacing", type=_float_list, default=None, help='working voxel size in mm, e.g. "[1.5,1.5,1.5]"')
+    p.add_argument("--reuse_memory", type=_bool, default=None)
+    p.add_argument("--ddpm_steps", type=int, default=None, help="DDPM steps timed (default 5; quick 2)")
     p.add_argument("--matmul_size", type=int, default=None, help="matmul side (default 2048; quick 512)")
+    p.add_argument("--matmul_repeats", type=int, default=None, help="timed matmuls (default 10; quick 3)")
     p.add_argument("--parity_cases", type=int, default=None, help="synthetic cases (default 8; quick 2)")
     p.add_argument("--parity_samples", type=int, default=None, help="samples per parity case (default 4; quick 1)")
     p.add_argument("--parity_seed", type=int, default=1234)
@@ -727,10 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the size-dependent defaults (full or quick)."""
-    quick = {"num_samples": 2, "ddpm_steps": 2, "matmul_size": 512, "parity_cases": 2, "parity_samples": 1,
-             "reference_steps": 20, "train_iterations": 2}
-    full = {"num_samples": 8, "ddpm_steps": 3, "matmul_size": 2048, "parity_cases": 8, "parity_samples": 4,
-            "reference_steps": 100, "train_iterations": 5}
+    quick = {"num_samples": 2, "ddpm_steps": 2, "matmul_size": 512, "matmul_repeats": 3, "parity_cases": 2,
+             "parity_samples": 1, "reference_steps": 20, "train_iterations": 2}
+    full = {"num_samples": 8, "ddpm_steps": 5, "matmul_size": 2048, "matmul_repeats": 10, "parity_cases": 8,
+            "parity_samples": 4, "reference_steps": 100, "train_iterations": 5}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

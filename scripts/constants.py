@@ -31,8 +31,15 @@ IMAGE_KEYS: tuple[str, ...] = tuple(
 MASK_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.split("_")[0] in MASK_MODALITIES) + ("net2_1",)
 MRI_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k not in MASK_KEYS)
 
-CONDITION_CHANNELS: tuple[str, ...] = IMAGE_KEYS + tuple(f"available_{k}" for k in IMAGE_KEYS)
-"""Conditioning channels: one per image key, then one constant availability indicator per image key."""
+LOAD_FEATURES: tuple[str, ...] = ("lesions", "volume")
+LOAD_CHANNELS: tuple[str, ...] = tuple(f"{feature}_{k}" for k in MASK_KEYS for feature in LOAD_FEATURES)
+"""Whole-volume lesion load of each lesion mask, constant in space: ``lesions_<key>`` = log(1 + number of lesions,
+26-connected) and ``volume_<key>`` = log(1 + lesion volume in mL), 0 when the mask is absent. They carry the
+patient-level activity (past NET2 and Gd lesions anywhere in the brain) into every training crop."""
+
+CONDITION_CHANNELS: tuple[str, ...] = IMAGE_KEYS + tuple(f"available_{k}" for k in IMAGE_KEYS) + LOAD_CHANNELS
+"""Conditioning channels: one per image key, then one constant availability indicator per image key, then the
+constant lesion-load channels (:data:`LOAD_CHANNELS`)."""
 
 REFERENCE_KEY_PRIORITY: tuple[str, ...] = ("flair_1",) + tuple(f"{m}_1" for m in MRI_MODALITIES if m != "flair")
 """The reference grid of a case is that of the first present key in this order (contract)."""

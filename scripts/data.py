@@ -54,11 +54,13 @@ from scripts.constants import (
     DEFAULT_HORIZON_WEEKS,
     IMAGE_KEYS,
     LABEL_KEY,
+    LOAD_FEATURES,
     MASK_KEYS,
     MRI_KEYS,
     REFERENCE_KEY_PRIORITY,
     arm_index,
 )
+from scripts.lesions import count_lesions, voxel_volume_mm3
 
 __all__ = [
     "CaseError",
@@ -95,6 +97,14 @@ VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
 # channel of each image key's volume and of its availability indicator in ``cond``
 VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
 AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
+LOAD_CHANNEL: dict[str, list[int]] = {k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES]
+                                      for k in MASK_KEYS}
+
+
+def lesion_load(mask: torch.Tensor | np.ndarray, voxel_mm3: float) -> list[float]:
+    """:data:`LOAD_FEATURES` of a binary mask: [log(1 + lesion count), log(1 + volume in mL)]."""
+    m = np.asarray(mask) > 0.5
+    return [math.log1p(count_lesions(m)), math.log1p(float(m.sum()) * voxel_mm3 / 1000.0)]
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {"training": ("treatment", LABEL_KEY), "validation": (LABEL_KEY,)}
 """Keys every entry of a split must hold besides ``id`` and a visit-1 MRI (training learns from both; validation
 scores against the label). Forecasting (``testing``) needs neither."""
@@ -635,7 +645,9 @@ class StackConditiond(MapTransform):
     """Build the network's input from working-grid images.
 
     Writes ``cond`` (float32 (len(CONDITION_CHANNELS), *S), channels in ``CONDITION_CHANNELS`` order: each image key,
-    zeros if absent, then one constant availability volume per image key), ``label`` (float32 (1, *S) in {0, 1},
+    zeros if absent, then one constant availability volume per image key, then the constant lesion-load channels of
+    each lesion mask, measured on the whole working grid (:func:`lesion_load`; voxel volume from ``working_affine``)),
+    ``label`` (float32 (1, *S) in {0, 1},
     when present), ``treatment`` (int64 scalar, ``arm_index``; absent -> ``NULL_TREATMENT``) and ``horizon``
     (float32 scalar weeks, from ``horizon_weeks``). Removes the per-key images and ``horizon_weeks`` so samples with
     different available keys collate; keeps ``id`` and the reference/working grid entries.
@@ -653,9 +665,14 @@ class StackConditiond(MapTransform):
             raise CaseError(case_id, ",".join(present) or "images", f"images are not on one grid: {sorted(shapes)}")
         spatial = shapes.pop()
         cond = torch.zeros((len(CONDITION_CHANNELS), *spatial), dtype=torch.float32)
+        voxel_mm3 = voxel_volume_mm3(np.asarray(d["working_affine"])) if "working_affine" in d else 1.0
         for key, volume in present.items():
             cond[VOLUME_CHANNEL[key]] = _plain(volume)[0].float()
             cond[AVAILABLE_CHANNEL[key]] = 1.0
+            if key in LOAD_CHANNEL:
+                for channel, value in zip(LOAD_CHANNEL[key], lesion_load(cond[VOLUME_CHANNEL[key]], voxel_mm3),
+                                          strict=True):
+                    cond[channel] = value
         d["cond"] = cond
         if d.get(LABEL_KEY) is not None:
             label = _plain(d[LABEL_KEY]).float()
@@ -704,7 +721,7 @@ class CropWeightsFromInputsd(MapTransform):
 
 
 class RandDropInputsd(Randomizable, MapTransform):
-    """Training augmentation on ``cond``: drop inputs by zeroing their volume AND their availability channel.
+    """Training augmentation on ``cond``: drop inputs by zeroing their volume, availability and lesion-load channels.
 
     Independently: each present image key with ``prob_modality``; all of visit 0 with ``prob_visit0``; ``net2_1``
     with ``prob_net2``. If every present visit-1 MRI would go, one of them (drawn at random) is kept. Draws the same
@@ -749,6 +766,7 @@ class RandDropInputsd(Randomizable, MapTransform):
             for k in self.dropped_keys(present):
                 cond[VOLUME_CHANNEL[k]] = 0.0
                 cond[AVAILABLE_CHANNEL[k]] = 0.0
+                cond[LOAD_CHANNEL.get(k, [])] = 0.0
             d[key] = cond
         return d
 

@@ -26,6 +26,7 @@ expected count). The conventions (:data:`CONVENTIONS`) are written into ``metric
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -238,6 +239,27 @@ class ReliabilityAccumulator:
         self.count += np.bincount(index, minlength=self.num_bins)
         self.sum_prob += np.bincount(index, weights=p, minlength=self.num_bins)
         self.sum_true += np.bincount(index, weights=y.astype(np.float64), minlength=self.num_bins)
+
+    def merge(self, other: ReliabilityAccumulator) -> None:
+        """Add the voxels of ``other`` (same number of bins)."""
+        if other.num_bins != self.num_bins:
+            raise ValueError(f"cannot merge {other.num_bins} reliability bins into {self.num_bins}")
+        self.count += other.count
+        self.sum_prob += other.sum_prob
+        self.sum_true += other.sum_true
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """The bin sums as lists (JSON), for :meth:`from_state_dict`."""
+        return {"count": self.count.tolist(), "sum_prob": self.sum_prob.tolist(), "sum_true": self.sum_true.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Sequence[float]]) -> ReliabilityAccumulator:
+        """The accumulator :meth:`state_dict` described."""
+        acc = cls(len(state["count"]))
+        acc.count = np.asarray(state["count"], np.int64)
+        acc.sum_prob = np.asarray(state["sum_prob"], np.float64)
+        acc.sum_true = np.asarray(state["sum_true"], np.float64)
+        return acc
 
     def ece(self) -> float | None:
         """Expected calibration error: bin-share-weighted mean |mean probability - observed frequency|."""
@@ -618,6 +640,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file (None for None; the path itself when it is not a file)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        return str(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path``, then move it in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -637,8 +673,8 @@ class Evaluator:
     ``metrics.json``, ``report.md`` and the plots (module docstring; conventions in :data:`CONVENTIONS`).
 
     Args:
-        datalist: the datalist (its ``training`` split feeds the population baseline; ``truth/<id>.json`` next to
-            it, when present, the counterfactual and oracle sections).
+        datalist: the datalist (its ``training`` split feeds the population baseline unless ``population_datalist``
+            is given; ``truth/<id>.json`` next to it, when present, the counterfactual and oracle sections).
         output_dir: where the forecasts and the evaluation go.
         split: the evaluated split.
         device: torch device of the baseline networks.
@@ -651,7 +687,17 @@ class Evaluator:
         distance_mm: the "within" distance of the location summary.
         model: a name for the evaluated weights (shown in the report).
         figures: write the PNG plots.
+        checkpoints: method -> checkpoint file of the networks (``diffusion``, ``deterministic``, ``unaware``), shown
+            in the report; their SHA-256 are part of the resume key.
+        resume: read back the cases a previous run with the same key already scored (``O/evaluation_cases/<id>.json``)
+            instead of forecasting them again, so a long evaluation that was stopped continues where it stopped.
+        resume_key: further settings that change the forecasts (e.g. working grid); the key also holds the datalist,
+            split, arms, samples, steps, guidance, seed and the checkpoints' digests.
+        population_datalist: datalist whose ``training`` split feeds the population baseline (default ``datalist``;
+            set it when the evaluated cohort is a separate test-only datalist).
     """
+
+    CASES_FOLDER = "evaluation_cases"
 
     def __init__(
         self,
@@ -668,6 +714,10 @@ class Evaluator:
         distance_mm: float = DISTANCE_MM,
         model: str | None = None,
         figures: bool = True,
+        checkpoints: Mapping[str, str | os.PathLike | None] | None = None,
+        resume: bool = True,
+        resume_key: Mapping[str, Any] | None = None,
+        population_datalist: str | os.PathLike | None = None,
     ) -> None:
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -696,6 +746,12 @@ class Evaluator:
         self.arms: list[str] = []
         self.num_samples: int | None = None
         self.failed: list[str] = []
+        self.checkpoints = {k: None if v is None else str(v) for k, v in (checkpoints or {}).items()}
+        self.resume = bool(resume)
+        self.resume_key = dict(resume_key or {})
+        self.key: dict[str, Any] | None = None
+        self.population_datalist = Path(population_datalist) if population_datalist is not None else self.datalist
+        self.resumed: list[str] = []
         self._started = time.perf_counter()
 
     # ---- population baseline ----
@@ -706,13 +762,14 @@ class Evaluator:
             return
         try:
             errors: list[CaseError] = []
-            cases = [c for c in load_datalist(self.datalist, "training", errors=errors)
+            cases = [c for c in load_datalist(self.population_datalist, "training", errors=errors)
                      if c.get("label") and c.get("treatment")]
             observations = []
             for case in tqdm(cases, desc="population baseline: training labels", unit="case"):
                 observations.append((case["treatment"], float(case["horizon_weeks"]), count_native(case["label"])))
             self.population = population_rates(observations)
             self.population["n_training_cases"] = len(observations)
+            self.population["datalist"] = str(self.population_datalist)
         except (ValueError, OSError) as err:
             self.population_note = f"not available: {err}"
             logger.warning("population baseline %s", self.population_note)
@@ -767,10 +824,25 @@ class Evaluator:
                                                                     domain, method, factual, pending)
         if truth is not None:
             record["counterfactual"] = self._score_counterfactual(predictions, truth, affine, shape, arms)
-        # only a fully scored case counts: a failure above leaves the pooled voxel statistics untouched
+        calibration: dict[tuple[str, str], ReliabilityAccumulator] = {}
         for key, prob, label, where in pending:
-            self.calibration.setdefault(key, ReliabilityAccumulator(self.num_bins)).update(prob, label, where)
-        self.records[case_id] = record
+            calibration.setdefault(key, ReliabilityAccumulator(self.num_bins)).update(prob, label, where)
+        # JSON round trip: a case scored now and one read back by a resumed run are the same record
+        state = json.loads(json.dumps(_clean({"key": self.key, "record": record, "calibration": {
+            f"{method}|{group}": acc.state_dict() for (method, group), acc in calibration.items()}}),
+            default=_json_default, allow_nan=False))
+        if self.key is not None:  # inside run(): keep the case for a resumed run
+            write_text_atomic(self.output_dir / self.CASES_FOLDER / f"{case_id}.json", json.dumps(state))
+        self._add(state)
+
+    def _add(self, state: Mapping[str, Any]) -> None:
+        """Count one scored case (its record and voxel statistics); only a fully scored case gets here."""
+        record = state["record"]
+        for name, acc in state["calibration"].items():
+            method, group = name.split("|", 1)
+            self.calibration.setdefault((method, group), ReliabilityAccumulator(self.num_bins)).merge(
+                ReliabilityAccumulator.from_state_dict(acc))
+        self.records[record["id"]] = record
 
     def _predict(self, data: Mapping[str, Any], samples: np.ndarray, forecast: Mapping[str, Any],
                  probs: Mapping[str, np.ndarray], arms: Sequence[str], truth: Mapping[str, Any] | None,
@@ -925,6 +997,7 @@ class Evaluator:
                 "datalist": str(self.datalist), "split": self.split, "model": self.model, "arms": self.arms,
                 "num_samples": self.num_samples, "cases_forecast": len(records), "cases_evaluated": len(factual),
                 "cases_with_truth": len(with_truth), "failed_cases": self.failed,
+                "cases_resumed": len(self.resumed), "checkpoints": self.checkpoints,
                 "seconds": round(time.perf_counter() - self._started, 1),
             },
             "overall": diffusion["overall"],
@@ -966,9 +1039,13 @@ class Evaluator:
         if self not in forecaster.case_hooks:
             forecaster.case_hooks.append(self)
         self.arms = list(forecaster.arms)
+        self.prepare()
+        self.key = self.run_key(forecaster)
+        if self.resume:
+            self.resumed = self.read_back()
+            forecaster.skip_ids = set(self.resumed)
         if not forecaster.overwrite:
             self.notes.append("overwrite was false: cases already forecast were skipped and are not evaluated")
-        self.prepare()
         failure: ForecastFailed | None = None
         try:
             forecaster.run()
@@ -979,6 +1056,48 @@ class Evaluator:
         if failure is not None:
             raise failure
         return metrics
+
+
+    def run_key(self, forecaster: Any) -> dict[str, Any]:
+        """What a scored case depends on: a case scored under another key is forecast and scored again."""
+        inferer = forecaster.inferer
+        sampler = getattr(inferer, "sampler", None)
+        return _clean(json.loads(json.dumps({
+            "datalist": str(self.datalist.resolve()), "split": self.split, "arms": list(forecaster.arms),
+            "num_samples": getattr(inferer, "num_samples", None), "seed": getattr(inferer, "seed", None),
+            "num_inference_steps": getattr(sampler, "num_inference_steps", None),
+            "guidance_scale": getattr(sampler, "guidance_scale", None), "num_bins": self.num_bins,
+            "distance_mm": self.distance_mm, "truth_dir": str(self.truth_dir.resolve()),
+            "population_datalist": str(self.population_datalist.resolve()),
+            "weights": {method: file_digest(path) for method, path in sorted(self.checkpoints.items())},
+            **self.resume_key,
+        }, default=_json_default)))
+
+    def read_back(self) -> list[str]:
+        """Add the cases of a previous run with the same key (and still in the split); returns their ids."""
+        folder = self.output_dir / self.CASES_FOLDER
+        if not folder.is_dir():
+            return []
+        wanted = {str(c["id"]) for c in load_datalist(self.datalist, self.split, errors=[])}
+        resumed, other_key = [], 0
+        for path in sorted(folder.glob("*.json")):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # unreadable: that case is simply scored again
+            if state.get("key") != self.key:
+                other_key += 1
+                continue
+            if state["record"]["id"] in wanted and state["record"]["id"] not in self.records:
+                self._add(state)
+                resumed.append(state["record"]["id"])
+        if resumed:
+            self.notes.append(f"resumed: {len(resumed)} case(s) scored by an earlier run with the same weights and "
+                              f"settings were read back from {folder} (resume=False, or delete it, to redo them)")
+            logger.info("resuming: %d case(s) already scored in %s", len(resumed), folder)
+        if other_key:
+            logger.info("%d scored case(s) in %s have other weights or settings: scored again", other_key, folder)
+        return resumed
 
 
 def _case_summary(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -281,6 +281,7 @@ class ForecastRunner:
             horizon_range = (low, high)
         self.horizon_range = horizon_range
         self.case_hooks = list(case_hooks or [])
+        self.skip_ids: set[str] = set()  # cases not to forecast, e.g. those a resumed evaluation already scored
 
     def run(self) -> list[dict[str, Any]]:
         """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
@@ -297,6 +298,11 @@ class ForecastRunner:
         for case in tqdm(cases, desc="cases", unit="case"):
             case_id = str(case["id"])
             done = self.output_dir / case_id / "forecast.json"
+            if case_id in self.skip_ids:
+                logger.info("case %s: skipped (already done by an earlier run)", case_id)
+                if done.is_file():
+                    rows.extend(summary_rows(json.loads(done.read_text())))
+                continue
             if done.is_file() and not self.overwrite:
                 logger.info("case %s: already forecast in %s, skipped (overwrite=True to redo)", case_id, done.parent)
                 rows.extend(summary_rows(json.loads(done.read_text())))

@@ -31,7 +31,7 @@ class ForecastInferer(Inferer):
         arms: arm names to forecast every case under; None forecasts the ``treatment`` passed at call time.
         seed: seed of the starting noise (None: torch's global generator).
         progress: progress bar over denoising steps.
-        channels_last, precision, compile: speed switches of :class:`scripts.sampler.ForecastSampler`.
+        channels_last, precision, compile, reuse_memory: speed switches of :class:`scripts.sampler.ForecastSampler`.
 
     Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None)`` with ``inputs`` the (B, C, *spatial)
     conditioning volumes. Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
@@ -51,10 +51,12 @@ class ForecastInferer(Inferer):
         channels_last: bool = True,
         precision: str = "auto",
         compile: bool = False,
+        reuse_memory: bool = True,
     ) -> None:
         super().__init__()
         self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress,
-                                       channels_last=channels_last, precision=precision, compile=compile)
+                                       channels_last=channels_last, precision=precision, compile=compile,
+                                       reuse_memory=reuse_memory)
         self.num_samples = int(num_samples)
         self.arms = list(arms) if arms is not None else None
         self.seed = seed

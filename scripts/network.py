@@ -32,11 +32,11 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
+from scripts.constants import CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
 
 
 class TreatmentHorizonEmbedding(nn.Module):
-    """Embed ``[treatment index, horizon weeks]`` pairs into the U-Net's time-embedding space.
+    """Embed ``[treatment index, horizon weeks, *patient features]`` rows into the U-Net's time-embedding space.
 
     Args:
         embed_dim: size of the U-Net's time embedding.
@@ -44,26 +44,35 @@ class TreatmentHorizonEmbedding(nn.Module):
         horizon_channels: size of the sinusoidal horizon features.
         horizon_scale: multiplies weeks before the sinusoids, so that differences of a few weeks are resolved by
             frequencies designed for diffusion timesteps in [0, 1000).
+        patient_features: number of patient-level features after the horizon (0: none), embedded by an MLP.
     """
 
     def __init__(
         self, embed_dim: int, num_treatments: int = NULL_TREATMENT + 1, horizon_channels: int = 64,
-        horizon_scale: float = 10.0,
+        horizon_scale: float = 10.0, patient_features: int = 0,
     ) -> None:
         super().__init__()
         self.num_treatments = num_treatments
         self.horizon_channels = horizon_channels
         self.horizon_scale = horizon_scale
+        self.patient_features = patient_features
         self.treatment = nn.Embedding(num_treatments, embed_dim)
         self.horizon = nn.Sequential(
             nn.Linear(horizon_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
         )
+        self.patient = nn.Sequential(
+            nn.Linear(patient_features, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        ) if patient_features else None
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        """``labels``: (N, 2) float tensor of [treatment index, horizon weeks]."""
+        """``labels``: (N, 2 + patient_features) float tensor of [treatment index, horizon weeks, *patient features]."""
         treatment = labels[:, 0].round().long()
+        dtype = self.horizon[0].weight.dtype
         horizon = get_timestep_embedding(labels[:, 1].float() * self.horizon_scale, self.horizon_channels)
-        return self.treatment(treatment) + self.horizon(horizon.to(self.horizon[0].weight.dtype))
+        out = self.treatment(treatment) + self.horizon(horizon.to(dtype))
+        if self.patient is not None:
+            out = out + self.patient(labels[:, 2:2 + self.patient_features].to(dtype))
+        return out
 
 
 class VoxelHead(nn.Module):
@@ -105,6 +114,11 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
     * ``treatment``: (N,) int64 arm index, ``NULL_TREATMENT`` for "no treatment given";
     * ``horizon``: (N,) float weeks from the most recent past visit to the forecast visit.
 
+    The last ``patient_channels`` channels of ``cond`` are patient-level features, constant in space (the whole-volume
+    lesion load, :data:`scripts.constants.LOAD_CHANNELS`): their spatial mean joins the treatment and horizon in the
+    embedding, so every residual block of a training crop knows how active the whole brain was, also where the crop
+    holds no lesion.
+
     Returns the network's prediction (v, epsilon or x0, per the scheduler) with the shape of ``x``. Spatial sizes
     must be divisible by ``patch_size * 2 ** (len(channels) - 1)``. When ``cond`` is
     None, ``x`` must already hold the noisy signal and the conditioning concatenated (MONAI's ``DiffusionInferer``
@@ -127,6 +141,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         noisy_channels: int = 1,
         patch_size: int = 2,
         head_channels: int = 16,
+        patient_channels: int = len(LOAD_CHANNELS),
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -141,7 +156,10 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
             num_class_embeds=NULL_TREATMENT + 1,
             use_flash_attention=use_flash_attention,
         )
+        if not 0 <= patient_channels <= cond_channels:
+            raise ValueError(f"patient_channels must be in [0, cond_channels={cond_channels}], got {patient_channels}")
         self.cond_channels = cond_channels
+        self.patient_channels = patient_channels
         self.noisy_channels = noisy_channels
         self.patch_size = patch_size
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
@@ -149,14 +167,18 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         self.patch_embed = conv(noisy_channels + cond_channels, channels[0], patch_size, stride=patch_size)
         self.patch_unembed = conv_t(channels[0], head_channels, patch_size, stride=patch_size)
         self.class_embedding = TreatmentHorizonEmbedding(
-            embed_dim=channels[0] * 4, num_treatments=NULL_TREATMENT + 1, horizon_scale=horizon_scale
+            embed_dim=channels[0] * 4, num_treatments=NULL_TREATMENT + 1, horizon_scale=horizon_scale,
+            patient_features=patient_channels,
         )
         self.head = VoxelHead(spatial_dims, head_channels, noisy_channels, head_channels, out_channels, channels[0] * 4)
 
     @staticmethod
-    def condition_labels(treatment: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
-        """Pack treatment indices and horizons into the (N, 2) ``class_labels`` the parent forward expects."""
-        return torch.stack([treatment.reshape(-1).float(), horizon.reshape(-1).float()], dim=1)
+    def condition_labels(treatment: torch.Tensor, horizon: torch.Tensor,
+                         patient: torch.Tensor | None = None) -> torch.Tensor:
+        """Pack treatment indices, horizons and patient-level features (N, F) into the (N, 2 + F) ``class_labels``
+        the parent forward expects."""
+        labels = torch.stack([treatment.reshape(-1).float(), horizon.reshape(-1).float()], dim=1)
+        return labels if patient is None else torch.cat([labels, patient.float()], dim=1)
 
     def forward(  # type: ignore[override]
         self,
@@ -177,7 +199,10 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
                 treatment = torch.full((n,), NULL_TREATMENT, dtype=torch.long, device=x.device)
             if horizon is None:
                 raise ValueError("horizon (weeks) is required")
-            class_labels = self.condition_labels(treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n))
+            # x = [noisy, cond]: the patient channels are its last ones, constant in space
+            patient = x[:, x.shape[1] - self.patient_channels:].flatten(2).mean(-1) if self.patient_channels else None
+            class_labels = self.condition_labels(treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n),
+                                                 patient)
         h = super().forward(self.patch_embed(x), timesteps, context=context, class_labels=class_labels)
         return self.head(self.patch_unembed(h), noisy, self.embedding(timesteps, class_labels, x.dtype))
 

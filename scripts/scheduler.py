@@ -95,6 +95,11 @@ class ForecastScheduler(DDIMScheduler):
         lesion_weight: weight of lesion voxels (target +1) relative to background in the x0 loss; the x0 prediction
             is de-biased accordingly in :meth:`step` (``prediction_type="sample"`` only).
         clip_sample: clamp the predicted x0 to [-1, 1], the range of mask signals.
+        debias_weight: the weight the x0 prediction is de-biased with when sampling (default: ``lesion_weight``,
+            exact at the optimum of the weighted loss). A trained network is not at that optimum, and a few-step
+            sampler compounds its error over steps, so the forecast count can drift; this one scalar, calibrated on
+            the validation split, brings the mean forecast count back to the observed one (the shipped value and its
+            calibration are in ``bundle/docs/training.md``). Training is unaffected.
         schedule_args: passed to the schedule function (e.g. ``shift``).
     """
 
@@ -108,6 +113,7 @@ class ForecastScheduler(DDIMScheduler):
         clip_sample: bool = True,
         llr_clip: float = 20.0,
         llr_scale: float = 4.0,
+        debias_weight: float | None = None,
         **schedule_args,
     ) -> None:
         super().__init__(
@@ -128,6 +134,9 @@ class ForecastScheduler(DDIMScheduler):
             raise ValueError(f"lesion_weight must be >= 1, got {lesion_weight}")
         if self.lesion_weight != 1.0 and prediction_type not in ("sample", "mask_logits"):
             raise ValueError("lesion_weight needs prediction_type sample or mask_logits (its de-biasing acts on x0)")
+        self.debias_weight = self.lesion_weight if debias_weight is None else float(debias_weight)
+        if self.debias_weight <= 0.0:
+            raise ValueError(f"debias_weight must be > 0, got {debias_weight}")
 
     @property
     def predicts_logits(self) -> bool:
@@ -182,7 +191,7 @@ class ForecastScheduler(DDIMScheduler):
         alpha_t = alphas_cumprod[timestep]
         alpha_prev = alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod.to(sample.device)
         x0, eps = self.predict_x0_eps(model_output, sample, alpha_t)
-        if self.lesion_weight != 1.0 and not self.predicts_logits:  # logits are de-biased in predict_x0_eps
+        if self.debias_weight != 1.0 and not self.predicts_logits:  # logits are de-biased in predict_x0_eps
             x0 = self.debias_x0(x0)
         if self.clip_sample or self.lesion_weight != 1.0:
             x0 = x0.clamp(self.clip_sample_values[0], self.clip_sample_values[1])
@@ -203,7 +212,7 @@ class ForecastScheduler(DDIMScheduler):
         """Convert the network output at cumulative alpha ``alpha_t`` into (x0, epsilon) predictions."""
         a, s = alpha_t.sqrt(), (1 - alpha_t).sqrt()
         if self.predicts_logits:
-            x0 = torch.tanh((model_output.float() - math.log(self.lesion_weight)) / 2).to(sample.dtype)
+            x0 = torch.tanh((model_output.float() - math.log(self.debias_weight)) / 2).to(sample.dtype)
             return x0, (sample - a * x0) / s.clamp_min(1e-12)
         if self.prediction_type == "v_prediction":
             return a * sample - s * model_output, a * model_output + s * sample
@@ -214,7 +223,7 @@ class ForecastScheduler(DDIMScheduler):
     def debias_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """Turn an x0 prediction trained with ``lesion_weight`` into the unweighted posterior mean (see module)."""
         p_w = ((x0.clamp(-1.0, 1.0) + 1.0) / 2.0).to(torch.float32)
-        w = self.lesion_weight
+        w = self.debias_weight
         p = p_w / (w - (w - 1.0) * p_w)
         return (2.0 * p - 1.0).to(x0.dtype)
 

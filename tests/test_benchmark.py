@@ -139,3 +139,18 @@ def test_guidance_chunks_spanning_both_halves(net: ForecastDiffusionUNet) -> Non
         net, cond, treatment, horizon, noise)  # rows 0-2 mix conditional and unconditional rows
     assert torch.equal(whole, spanning)
     assert ForecastSampler(ForecastScheduler(), 10, guidance_scale=2.0).network_evaluations_per_sample == 20
+
+
+def test_reuse_freed_memory_is_transparent(net: ForecastDiffusionUNet) -> None:
+    from scripts.sampler import reuse_freed_memory
+
+    with reuse_freed_memory(True):
+        block = torch.ones(64, 1024, 1024)  # 256 MiB: above glibc's mmap threshold
+        del block
+    with reuse_freed_memory(False):
+        pass
+    _, _, cond, treatment, horizon = _inputs()
+    noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    reused, fresh = (ForecastSampler(ForecastScheduler(), 2, precision="float32", reuse_memory=flag).sample(
+        net, cond, treatment, horizon, noise) for flag in (True, False))
+    assert torch.equal(reused, fresh)

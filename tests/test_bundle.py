@@ -48,8 +48,12 @@ def test_training_configs_share_the_network_and_grid() -> None:
     baseline = ConfigParser.load_config_file(CONFIGS / "train_deterministic.json")
     inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
     # the shipped weights are trained with train.json and loaded with inference.json
-    for key in ("network_def", "noise_scheduler", "spatial_size", "spacing"):
+    for key in ("network_def", "spatial_size", "spacing"):
         assert inference[key] == train[key], key
+    # the same schedule; inference adds only the sampling calibration (debias_weight)
+    sampling = dict(inference["noise_scheduler"])
+    assert sampling.pop("debias_weight") > 0
+    assert sampling == train["noise_scheduler"]
     diffusion_net = dict(train["network_def"], _target_=None)
     baseline_net = dict(baseline["network_def"], _target_=None)
     assert diffusion_net == baseline_net

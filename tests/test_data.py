@@ -18,7 +18,17 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from scripts import data as D
-from scripts.constants import ARMS, CONDITION_CHANNELS, IMAGE_KEYS, MRI_KEYS, NULL_TREATMENT, arm_index
+from scripts.constants import (
+    ARMS,
+    CONDITION_CHANNELS,
+    IMAGE_KEYS,
+    LOAD_CHANNELS,
+    LOAD_FEATURES,
+    MASK_KEYS,
+    MRI_KEYS,
+    NULL_TREATMENT,
+    arm_index,
+)
 
 SIZE = (24, 24, 24)
 SPACING = (3.0, 3.0, 3.0)
@@ -154,7 +164,12 @@ def test_outputs_channels_and_scalars(files):
     present = {"flair_1", "t1_1", "t2_1", "t2les_1", "net2_1"}
     for i, name in enumerate(CONDITION_CHANNELS):
         key = name.removeprefix("available_")
-        if name.startswith("available_"):
+        if name in LOAD_CHANNELS:
+            feature, key = name.split("_", 1)
+            # the cube is one lesion of 6 x 6 x 6 working voxels of 27 mm^3
+            value = 0.0 if key not in present else np.log1p(1.0) if feature == "lesions" else np.log1p(216 * 0.027)
+            assert torch.allclose(cond[i], torch.tensor(value, dtype=torch.float32)), name
+        elif name.startswith("available_"):
             assert torch.all(cond[i] == float(key in present)), name
         elif key not in present:
             assert torch.all(cond[i] == 0), name
@@ -290,10 +305,13 @@ def test_unreadable_image_names_case_and_key(tmp_path, files):
 
 
 def make_cond(present: list[str]) -> torch.Tensor:
-    cond = torch.zeros((2 * N, 3, 3, 3))
+    cond = torch.zeros((len(CONDITION_CHANNELS), 3, 3, 3))
     for key in present:
         cond[IMAGE_KEYS.index(key)] = IMAGE_KEYS.index(key) + 1.0
         cond[N + IMAGE_KEYS.index(key)] = 1.0
+        if key in MASK_KEYS:
+            for feature in LOAD_FEATURES:
+                cond[CONDITION_CHANNELS.index(f"{feature}_{key}")] = 0.5
     return cond
 
 
@@ -319,6 +337,10 @@ def test_rand_drop_is_seeded_and_consistent():
             available = bool(out[N + i, 0, 0, 0] > 0.5)
             assert torch.all(out[N + i] == float(available))
             assert torch.all(out[i] == (cond[i] if available else 0.0)), key  # volume goes with its indicator
+            if key in MASK_KEYS:  # and so does its lesion load
+                for feature in LOAD_FEATURES:
+                    channel = CONDITION_CHANNELS.index(f"{feature}_{key}")
+                    assert torch.all(out[channel] == (cond[channel] if available else 0.0)), (feature, key)
     # through Compose and set_determinism too
     set_determinism(seed=5)
     first = [Compose([D.RandDropInputsd(prob_modality=0.5)])({"cond": cond})["cond"] for _ in range(5)]

@@ -230,6 +230,69 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
     assert "## Counterfactual forecasts" in (tmp_path / "report.md").read_text()
 
 
+class _StubForecaster:
+    """The parts of ``ForecastRunner`` the evaluator uses; its forecasts are the true counterfactual masks with
+    the optional exception of ``fail_id``, which fails after scoring the cases before it."""
+
+    def __init__(self, datalist: Path, arms: list[str], fail_id: str | None = None) -> None:
+        self.datalist, self.arms, self.fail_id = datalist, arms, fail_id
+        self.case_hooks: list = []
+        self.overwrite, self.skip_ids, self.forecast_ids = True, set(), []
+        self.inferer = type("Inferer", (), {"num_samples": 2, "seed": 0})()
+
+    def run(self) -> None:
+        from scripts.data import load_datalist
+
+        for case in load_datalist(self.datalist, "testing"):
+            if case["id"] in self.skip_ids:
+                continue
+            if case["id"] == self.fail_id:
+                raise KeyboardInterrupt  # the run is stopped here
+            truth = json.loads((self.datalist.parent / "truth" / f"{case['id']}.json").read_text())
+            case["treatment"] = truth["treatment"] = "placebo"
+            case["label"] = str(self.datalist.parent / truth["counterfactual_labels"]["placebo"])
+            for hook in self.case_hooks:
+                hook(**_case_inputs(case, truth, self.datalist.parent, self.arms, k=2))
+            self.forecast_ids.append(case["id"])
+
+
+def _without_timing(metrics: dict) -> dict:
+    metrics = json.loads(json.dumps(metrics))
+    for key in ("seconds", "cases_resumed"):
+        metrics["settings"].pop(key)
+    metrics.pop("notes")
+    return metrics
+
+
+def test_stopped_evaluation_resumes_with_identical_metrics(tiny_cohort: Path, tmp_path: Path) -> None:
+    from scripts.data import load_datalist
+
+    arms = ["placebo", "ocrelizumab"]
+    ids = [c["id"] for c in load_datalist(tiny_cohort, "testing")]
+    assert len(ids) >= 2
+    whole = Evaluator(tiny_cohort, tmp_path / "whole", figures=False).run(_StubForecaster(tiny_cohort, arms))
+
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        Evaluator(tiny_cohort, out, figures=False).run(_StubForecaster(tiny_cohort, arms, fail_id=ids[1]))
+    assert sorted(p.stem for p in (out / "evaluation_cases").glob("*.json")) == [ids[0]]
+    forecaster = _StubForecaster(tiny_cohort, arms)
+    resumed = Evaluator(tiny_cohort, out, figures=False).run(forecaster)
+    assert forecaster.forecast_ids == ids[1:]  # only the cases not scored before
+    assert resumed["settings"]["cases_resumed"] == 1 and any("resumed: 1 case" in n for n in resumed["notes"])
+    assert _without_timing(resumed) == _without_timing(whole)
+
+    # other settings (here: the samples per arm), or resume=False: every case again
+    forecaster = _StubForecaster(tiny_cohort, arms)
+    forecaster.inferer.num_samples = 3
+    Evaluator(tiny_cohort, out, figures=False).run(forecaster)
+    assert forecaster.forecast_ids == ids
+    forecaster = _StubForecaster(tiny_cohort, arms)
+    forecaster.inferer.num_samples = 3
+    Evaluator(tiny_cohort, out, figures=False, resume=False).run(forecaster)
+    assert forecaster.forecast_ids == ids
+
+
 def test_evaluator_without_truth_files_skips_counterfactuals(tiny_cohort: Path, tmp_path: Path) -> None:
     from scripts.data import load_datalist
 
@@ -255,6 +318,16 @@ def test_population_baseline_needs_a_training_split(tmp_path: Path) -> None:
     evaluator = Evaluator(datalist, tmp_path / "out", figures=False)
     evaluator.prepare()
     assert "no list 'training'" in evaluator.results()["baselines"]["population"]["note"]
+
+
+def test_population_baseline_from_another_datalist(tiny_cohort: Path, tmp_path: Path) -> None:
+    test_only = tmp_path / "datalist.json"
+    test_only.write_text(json.dumps({"testing": json.loads(tiny_cohort.read_text())["testing"]}))
+    evaluator = Evaluator(test_only, tmp_path / "out", figures=False, population_datalist=tiny_cohort)
+    evaluator.prepare()
+    section = evaluator.results()["baselines"]["population"]
+    assert section["available"] and section["rates"]["datalist"] == str(tiny_cohort)
+    assert section["rates"]["n_training_cases"] == len(json.loads(tiny_cohort.read_text())["training"])
 
 
 # ---- the bundle command ----
@@ -326,3 +399,15 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     for case in testing:
         assert (out / case["id"] / "forecast.json").is_file()  # the forecast outputs are there as well
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert metrics["settings"]["checkpoints"]["unaware"] == str(tiny_weights["unaware"])
+
+    # the same command again reads every scored case back instead of forecasting it
+    again = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         "['bundle/configs/inference.json','bundle/configs/evaluate.json']", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming: {len(testing)} case(s) already scored" in again.stdout + again.stderr
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["settings"]["cases_resumed"] == len(testing)
+    assert resumed["overall"] == metrics["overall"] and resumed["baselines"] == metrics["baselines"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
+from scripts.constants import ARMS, CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
 from scripts.engines import DiffusionPrepareBatch, WeightedBCEWithLogitsLoss, WeightedMSELoss
 from scripts.inferer import ForecastInferer, ThresholdInferer
 from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
@@ -84,6 +84,26 @@ def test_null_token_and_horizon(net: ForecastDiffusionUNet) -> None:
     assert (later - placebo).abs().max() > 1e-4
     with pytest.raises(IndexError):
         net(x, t, cond, torch.full_like(treatment, NULL_TREATMENT + 1), horizon)
+
+
+def test_lesion_load_reaches_the_embedding(net: ForecastDiffusionUNet) -> None:
+    x, t, cond, treatment, horizon = _inputs()
+    load = slice(len(CONDITION_CHANNELS) - len(LOAD_CHANNELS), None)
+    assert net.patient_channels == len(LOAD_CHANNELS) and net.class_embedding.patient is not None
+    constant = cond.clone()
+    constant[:, load] = cond[:, load].mean(dim=(2, 3, 4), keepdim=True)
+    active = constant.clone()
+    active[:, load] += 2.0
+    with torch.no_grad():
+        base = net(x, t, constant, treatment, horizon)
+        more = net(x, t, active, treatment, horizon)
+        labels = net.condition_labels(treatment, horizon, constant[:, load].flatten(2).mean(-1))
+        emb, emb_more = (net.embedding(t, net.condition_labels(treatment, horizon, c[:, load].flatten(2).mean(-1)),
+                                       torch.float32) for c in (constant, active))
+    assert labels.shape == (2, 2 + len(LOAD_CHANNELS))
+    assert (more - base).abs().max() > 1e-4 and (emb_more - emb).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="patient_channels"):
+        ForecastDiffusionUNet(**SMALL, cond_channels=4, patient_channels=5)
 
 
 def test_concat_mode_equals_separate_condition(net: ForecastDiffusionUNet) -> None:
@@ -172,6 +192,14 @@ def test_likelihood_ratio_input_and_logit_debiasing() -> None:
     x0_hat, _ = scheduler.predict_x0_eps(logit_weighted, torch.zeros(4), torch.tensor(0.5))
     assert torch.allclose((x0_hat + 1) / 2, p, atol=1e-5)
     assert ForecastScheduler().scale_model_input(x0, t) is x0  # other prediction types: x_t unchanged
+    # a calibrated sampling weight de-biases by its own log, training's weight is untouched
+    calibrated = ForecastScheduler(prediction_type="mask_logits", lesion_weight=20.0, debias_weight=60.0)
+    assert calibrated.lesion_weight == 20.0 and scheduler.debias_weight == 20.0
+    x0_cal, _ = calibrated.predict_x0_eps(torch.logit(p) + torch.log(torch.tensor(60.0)), torch.zeros(4),
+                                          torch.tensor(0.5))
+    assert torch.allclose((x0_cal + 1) / 2, p, atol=1e-5)
+    with pytest.raises(ValueError, match="debias_weight"):
+        ForecastScheduler(prediction_type="mask_logits", debias_weight=0.0)
 
 
 def test_inferer_counterfactual_layout_and_seed(net: ForecastDiffusionUNet) -> None:

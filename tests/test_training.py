@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.constants import CONDITION_CHANNELS
 from tests.conftest import REPO_ROOT
 
 TINY = [
@@ -59,7 +60,7 @@ def test_deterministic_baseline_trains(tiny_cohort: Path, tmp_path: Path) -> Non
     config = "['bundle/configs/train.json','bundle/configs/train_deterministic.json']"
     _train(config, tiny_cohort, tmp_path, epochs=1)
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert state["patch_embed.weight"].shape[1] == 30  # conditioning only, no noisy channel
+    assert state["patch_embed.weight"].shape[1] == len(CONDITION_CHANNELS)  # conditioning only, no noisy channel
 
 
 def test_torchrun_two_processes_on_cpu(tiny_cohort: Path, tmp_path: Path) -> None:
