@@ -26,7 +26,6 @@ expected count). The conventions (:data:`CONVENTIONS`) are written into ``metric
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -642,16 +641,11 @@ def _clean(value: Any) -> Any:
 
 def file_digest(path: str | os.PathLike | None) -> str | None:
     """SHA-256 of a file (None for None; the path itself when it is not a file)."""
+    from scripts.export import file_sha256
+
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        return str(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path) if Path(path).is_file() else str(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -828,12 +822,12 @@ class Evaluator:
         for key, prob, label, where in pending:
             calibration.setdefault(key, ReliabilityAccumulator(self.num_bins)).update(prob, label, where)
         # JSON round trip: a case scored now and one read back by a resumed run are the same record
-        state = json.loads(json.dumps(_clean({"key": self.key, "record": record, "calibration": {
+        text = json.dumps(_clean({"key": self.key, "record": record, "calibration": {
             f"{method}|{group}": acc.state_dict() for (method, group), acc in calibration.items()}}),
-            default=_json_default, allow_nan=False))
+            default=_json_default, allow_nan=False)
         if self.key is not None:  # inside run(): keep the case for a resumed run
-            write_text_atomic(self.output_dir / self.CASES_FOLDER / f"{case_id}.json", json.dumps(state))
-        self._add(state)
+            write_text_atomic(self.output_dir / self.CASES_FOLDER / f"{case_id}.json", text)
+        self._add(json.loads(text))
 
     def _add(self, state: Mapping[str, Any]) -> None:
         """Count one scored case (its record and voxel statistics); only a fully scored case gets here."""

@@ -9,11 +9,12 @@ new/enlarging T2 (NET2) lesion under every treatment arm, and the expected NET2 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +45,20 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model") -> dict:
     """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series."""
     scalars = read_scalars(tb_dir)
-    wanted = {"train_loss": "training loss (weighted x0 MSE)", "val_count_mae": "validation NET2 count MAE",
+    wanted = {"train_loss": "training loss (train.json's loss)", "val_count_mae": "validation NET2 count MAE",
               "val_dice": "validation Dice of the forecast mask"}
     present = [tag for tag in wanted if tag in scalars]
     if not present:
         raise ValueError(f"no training or validation scalars in {tb_dir}; found {sorted(scalars)}")
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
-    for ax, tag in zip(axes[0], present, strict=True):
-        steps, values = zip(*scalars[tag], strict=True)
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(wanted[tag])
-        ax.set_title(wanted[tag])
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    with _figure(out, nrows=1, ncols=len(present), figsize=(5 * len(present), 4), squeeze=False) as (fig, axes):
+        for ax, tag in zip(axes[0], present, strict=True):
+            steps, values = zip(*scalars[tag], strict=True)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(wanted[tag])
+            ax.set_title(wanted[tag])
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
     result = {tag: scalars[tag] for tag in present}
     logger.info("wrote %s", out)
     return result
@@ -221,6 +218,19 @@ def _save_atomic(fig: plt.Figure, out: Path, dpi: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _figure(out: str | Path, dpi: int = 110, **subplots: Any) -> Iterator[tuple[plt.Figure, Any]]:
+    """``plt.subplots(**subplots)`` for the block; on success laid out and written atomically to ``out``; always
+    closed."""
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        _save_atomic(fig, Path(out), dpi)
+    finally:
+        plt.close(fig)
 
 
 def forecast_figure(
@@ -426,13 +436,17 @@ _ARM_COLOURS: dict[str, Any] = {arm: matplotlib.colormaps["tab10"].colors[i] for
     ("placebo", "laquinimod", "interferon_beta_1a", "glatiramer_acetate", "dimethyl_fumarate", "ocrelizumab"))}
 
 
+def _style(method: str) -> tuple[Any, str, str]:
+    """(colour, marker, line style) of an evaluation method."""
+    return _METHOD_STYLE.get(method, ("k", "o", "-"))
+
+
 def reliability_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path) -> Path:
     """Reliability diagram (observed NET2 frequency against mean forecast probability per bin) and voxels per bin."""
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1.2), sharex=True)
-    try:
+    with _figure(out, nrows=2, ncols=1, figsize=(5.5, 6.5), height_ratios=(3, 1.2), sharex=True) as (fig, (ax, ax_n)):
         ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
         for method, bins in curves.items():
-            colour, marker, style = _METHOD_STYLE.get(method, ("k", "o", "-"))
+            colour, marker, style = _style(method)
             full = [b for b in bins if b["voxels"]]
             ax.plot([b["mean_probability"] for b in full], [b["observed_frequency"] for b in full], marker=marker,
                     color=colour, linestyle=style, label=EVALUATION_LABELS.get(method, method))
@@ -448,24 +462,18 @@ def reliability_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], out: s
         ax_n.set_xlabel("forecast probability of NET2 (bin mean)")
         ax_n.set_ylabel("voxels per bin")
         ax_n.grid(alpha=0.3)
-        fig.tight_layout()
-        out = Path(out)
-        _save_atomic(fig, out, 110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(out)
 
 
 def count_scatter_figure(points: Mapping[str, Sequence[tuple[float, float, Sequence[float] | None]]],
                          out: str | Path) -> Path:
     """Expected against true NET2 count per case and method; the diffusion model's 90% intervals as bars."""
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    try:
+    with _figure(out, figsize=(6, 5.5)) as (fig, ax):
         top = 1.0
         for i, (method, rows) in enumerate(points.items()):
             if not rows:
                 continue
-            colour, marker, _style = _METHOD_STYLE.get(method, ("k", "o", "-"))
+            colour, marker, _line = _style(method)
             # a small horizontal offset per method keeps coinciding points apart (counts are integers)
             x = np.asarray([r[0] for r in rows], float) + 0.08 * (i - (len(points) - 1) / 2)
             y = np.asarray([r[1] for r in rows], float)
@@ -487,20 +495,14 @@ def count_scatter_figure(points: Mapping[str, Sequence[tuple[float, float, Seque
         ax.set_title("Expected vs true NET2 count (factual arm; bars: 90% interval)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = Path(out)
-        _save_atomic(fig, out, 110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(out)
 
 
 def roc_figure(curves: Mapping[str, tuple[Sequence[bool], Sequence[float]]], out: str | Path) -> Path:
     """ROC curves of P(active) against true activity (at least one NET2 lesion), one per method."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.2))
-    try:
+    with _figure(out, figsize=(5.5, 5.2)) as (fig, ax):
         ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
         undefined = []
         for method, (active, p) in curves.items():
@@ -509,7 +511,7 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[bool], Sequence[float]]], out
                 undefined.append(EVALUATION_LABELS.get(method, method))
                 continue
             fpr, tpr, _ = roc_curve(y, np.asarray(p, float))
-            colour, _marker, style = _METHOD_STYLE.get(method, ("k", "o", "-"))
+            colour, _marker, style = _style(method)
             ax.plot(fpr, tpr, color=colour, linestyle=style, linewidth=2,
                     label=f"{EVALUATION_LABELS.get(method, method)} (AUC {roc_auc_score(y, p):.2f})")
         if undefined:
@@ -522,12 +524,7 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[bool], Sequence[float]]], out
         ax.set_title("Activity: P(>=1 NET2 lesion) vs observed activity")
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = Path(out)
-        _save_atomic(fig, out, 110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(out)
 
 
 def effects_figure(ratios: Mapping[str, Mapping[str, float | None]], true_ratios: Mapping[str, float | None],
@@ -535,10 +532,9 @@ def effects_figure(ratios: Mapping[str, Mapping[str, float | None]], true_ratios
     """Left: cohort NET2 rate ratio against placebo per arm, true and per method. Right: predicted against true
     expected count for every case and arm (diffusion model), coloured by arm."""
     arms = [a for a in true_ratios if a != "placebo"]
-    fig, (ax, ax_pts) = plt.subplots(1, 2, figsize=(12, 5))
-    try:
+    with _figure(out, nrows=1, ncols=2, figsize=(12, 5)) as (fig, (ax, ax_pts)):
         series = [("truth (generator)", true_ratios, "black")] + [
-            (EVALUATION_LABELS.get(m, m), r, _METHOD_STYLE.get(m, ("k", "o", "-"))[0]) for m, r in ratios.items()]
+            (EVALUATION_LABELS.get(m, m), r, _style(m)[0]) for m, r in ratios.items()]
         width = 0.8 / len(series)
         for i, (label, values, colour) in enumerate(series):
             x = np.arange(len(arms)) + (i - (len(series) - 1) / 2) * width
@@ -566,12 +562,7 @@ def effects_figure(ratios: Mapping[str, Mapping[str, float | None]], true_ratios
         ax_pts.set_title("Counterfactual counts: every case under every arm")
         ax_pts.legend(fontsize=8)
         ax_pts.grid(alpha=0.3)
-        fig.tight_layout()
-        out = Path(out)
-        _save_atomic(fig, out, 110)
-    finally:
-        plt.close(fig)
-    return out
+    return Path(out)
 
 
 def evaluation_figures(metrics: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]],

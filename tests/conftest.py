@@ -5,6 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+SMALL_NET = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8,
+             "num_head_channels": 8}
+"""A diffusion U-Net small enough for unit tests on 16^3 volumes."""
+
+
+def perturbed_small_net() -> torch.nn.Module:
+    """``ForecastDiffusionUNet(**SMALL_NET)`` in eval mode with perturbed weights (seed 0): the U-Net's output
+    convolution starts at zero, so without the perturbation no input would visibly reach the output."""
+    from scripts.network import ForecastDiffusionUNet
+
+    torch.manual_seed(0)
+    network = ForecastDiffusionUNet(**SMALL_NET).eval()
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return network
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 """Real test data, kept outside the repository (``../shared/data`` relative to the repository root)."""

@@ -16,15 +16,13 @@ from scripts.constants import CONDITION_CHANNELS
 from scripts.network import ForecastDiffusionUNet
 from scripts.sampler import ForecastSampler
 from scripts.scheduler import ForecastScheduler
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, perturbed_small_net
 
 CONTRACT_KEYS = (
     "forecast_seconds", "ddpm1000_seconds", "speedup_vs_ddpm1000", "network_evaluations_per_sample",
     "forward_time_share", "flops_per_forecast", "achieved_flops_per_second", "matmul_flops_per_second",
     "peak_memory_bytes", "quality_parity", "device",
 )
-SMALL = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8,
-         "num_head_channels": 8}
 SIZE = 16
 
 
@@ -36,12 +34,7 @@ def _benchmark(args: list[str], timeout: int = 1800) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def net() -> ForecastDiffusionUNet:
-    torch.manual_seed(0)
-    network = ForecastDiffusionUNet(**SMALL).eval()
-    with torch.no_grad():  # the U-Net's output convolution starts at zero; perturb it so inputs reach the output
-        for p in network.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return network
+    return perturbed_small_net()
 
 
 def _inputs(n: int = 2) -> tuple[torch.Tensor, ...]:

@@ -11,22 +11,14 @@ from scripts.inferer import ForecastInferer, ThresholdInferer
 from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
 from scripts.sampler import ForecastSampler
 from scripts.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
+from tests.conftest import SMALL_NET, perturbed_small_net
 
-SMALL = {
-    "channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8, "num_head_channels": 8,
-}
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def net() -> ForecastDiffusionUNet:
-    torch.manual_seed(0)
-    network = ForecastDiffusionUNet(**SMALL).eval()
-    # the U-Net's output convolution starts at zero; perturb it so that conditions visibly reach the output
-    with torch.no_grad():
-        for p in network.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return network
+    return perturbed_small_net()
 
 
 def _inputs(n: int = 2) -> tuple[torch.Tensor, ...]:
@@ -103,7 +95,7 @@ def test_lesion_load_reaches_the_embedding(net: ForecastDiffusionUNet) -> None:
     assert labels.shape == (2, 2 + len(LOAD_CHANNELS))
     assert (more - base).abs().max() > 1e-4 and (emb_more - emb).abs().max() > 1e-4
     with pytest.raises(ValueError, match="patient_channels"):
-        ForecastDiffusionUNet(**SMALL, cond_channels=4, patient_channels=5)
+        ForecastDiffusionUNet(**SMALL_NET, cond_channels=4, patient_channels=5)
 
 
 def test_concat_mode_equals_separate_condition(net: ForecastDiffusionUNet) -> None:
@@ -115,7 +107,7 @@ def test_concat_mode_equals_separate_condition(net: ForecastDiffusionUNet) -> No
 
 
 def test_deterministic_baseline_shape() -> None:
-    network = DeterministicForecastNet(**SMALL).eval()
+    network = DeterministicForecastNet(**SMALL_NET).eval()
     _, _, cond, treatment, horizon = _inputs()
     with torch.no_grad():
         logits = network(cond, treatment, horizon)
