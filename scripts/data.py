@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from scripts.constants import (
     REFERENCE_KEY_PRIORITY,
     arm_index,
 )
+from scripts.files import atomic_path
 from scripts.lesions import count_lesions, voxel_volume_mm3
 
 __all__ = [
@@ -877,15 +877,8 @@ def save_nifti(
     image.header.set_qform(affine_, code=1)
     image.header.set_xyzt_units("mm")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # keep the final suffix on the temporary name: nibabel picks gzip from ".gz"
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -22,8 +22,6 @@ import glob
 import logging
 import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +34,7 @@ from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.constants import NULL_TREATMENT
+from scripts.files import atomic_path
 from scripts.scheduler import ForecastScheduler, mask_to_signal
 
 logger = logging.getLogger(__name__)
@@ -183,18 +182,9 @@ class AtomicDiskSaver(DiskSaver):
         super().remove(self.filename or filename)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dirname)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                func(checkpoint, handle, **self.kwargs)
-                handle.flush()
-                os.fsync(handle.fileno())  # the rename must not reach the disk before the data (power loss)
-            # mkstemp creates 0600; a checkpoint is readable like any other file the user writes
-            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # fsync: the rename must not reach the disk before the data (power loss)
+        with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as handle:
+            func(checkpoint, handle, **self.kwargs)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 
 from scripts.constants import ARMS, arm_index
 from scripts.data import CaseError, load_datalist, to_reference_grid
+from scripts.files import write_text_atomic
 from scripts.lesions import count_lesions, dice, label_lesions, load_mask, voxel_volume_mm3
 from scripts.regions import REGIONS, lesion_regions
 
@@ -648,20 +648,6 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
     return file_sha256(path) if Path(path).is_file() else str(path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then move it in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Evaluator:
     """Per-case hook of :class:`scripts.forecast.ForecastRunner` that scores the forecasts and baselines, then writes
     ``metrics.json``, ``report.md`` and the plots (module docstring; conventions in :data:`CONVENTIONS`).
@@ -797,7 +783,14 @@ class Evaluator:
         # samples go to the reference grid only where they are compared (GED): reference grids can be large
         evaluated = case.get("label") is not None and factual in arms
         sample_arms = set(arms) if truth is not None else {factual} if evaluated else set()
-        predictions = self._predict(data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms)
+        allowed = None
+        restriction = forecast.get("brain_restriction") or {}
+        if restriction.get("applied"):  # the baselines get the same restriction as the diffusion samples
+            from scripts.regions import brain_restriction
+
+            allowed = brain_restriction(regions, int(restriction["brain_margin_voxels"]))
+        predictions = self._predict(data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms,
+                                    allowed)
         pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]] = []
 
         if case.get("label") is None:
@@ -840,8 +833,10 @@ class Evaluator:
 
     def _predict(self, data: Mapping[str, Any], samples: np.ndarray, forecast: Mapping[str, Any],
                  probs: Mapping[str, np.ndarray], arms: Sequence[str], truth: Mapping[str, Any] | None,
-                 horizon: float, to_ref: Any, sample_arms: set[str]) -> dict[str, dict[str, ArmPrediction]]:
-        """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``)."""
+                 horizon: float, to_ref: Any, sample_arms: set[str],
+                 allowed: np.ndarray | None = None) -> dict[str, dict[str, ArmPrediction]]:
+        """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``);
+        ``allowed`` (working grid), where given, restricts the baseline networks' forecasts as the samples were."""
         from scripts.forecast import summarize_arm
 
         working_affine = np.asarray(data["working_affine"], dtype=np.float64)
@@ -862,6 +857,8 @@ class Evaluator:
                     prob_w = self.deterministic_inferer(cond, self.deterministic_network, horizon=h,
                                                         treatment=torch.tensor([arm_index(arm)], device=self.device))
                     prob_w = prob_w[0, 0].float().cpu().numpy()
+                    if allowed is not None:
+                        prob_w = np.where(allowed, prob_w, 0.0).astype(np.float32)
                     prob = np.clip(to_ref(prob_w, "bilinear"), 0.0, 1.0)
                     mask = prob >= 0.5
                     out["deterministic"][arm] = ArmPrediction(float(count_lesions(prob_w >= 0.5)),
@@ -869,6 +866,8 @@ class Evaluator:
         if self.unaware_network is not None:
             with torch.no_grad():
                 unaware = self.unaware_inferer(cond, self.unaware_network, horizon=h)[0].cpu().numpy() > 0.5
+            if allowed is not None:
+                unaware &= allowed
             figures = summarize_arm(unaware, working_affine)
             prob = np.clip(to_ref(figures["prob_working"], "bilinear"), 0.0, 1.0)
             prediction = ArmPrediction(figures["expected_count"], figures["p_active"], figures["count_interval_90"],

@@ -50,6 +50,7 @@ from scripts.data import (
     save_nifti,
     to_reference_grid,
 )
+from scripts.files import atomic_path
 from scripts.lesions import count_lesions, describe_lesions, voxel_volume_mm3
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,10 @@ class ForecastRunner:
             ``forecast`` (``forecast.json`` content), ``probs`` (arm -> probability on the reference grid) and
             ``regions`` (region map, working grid); e.g. :class:`scripts.evaluation.Evaluator`. A hook that raises
             fails the case.
+        brain_margin: forecast voxels farther than this many voxels outside the brain found in the case's own images
+            (:func:`scripts.regions.brain_restriction`) are removed from every sample before anything is counted
+            (NET2 lesions are brain lesions); None keeps the samples as drawn. Cases where no brain is found keep
+            theirs (logged).
     """
 
     def __init__(
@@ -254,6 +259,7 @@ class ForecastRunner:
         figure: bool = True,
         horizon_range: Sequence[float] | None = None,
         case_hooks: Sequence[Callable[..., Any]] | None = None,
+        brain_margin: int | None = 1,
     ) -> None:
         self.datalist = datalist
         self.output_dir = Path(output_dir)
@@ -281,6 +287,9 @@ class ForecastRunner:
             horizon_range = (low, high)
         self.horizon_range = horizon_range
         self.case_hooks = list(case_hooks or [])
+        if brain_margin is not None and int(brain_margin) < 0:
+            raise ValueError(f"brain_margin must be >= 0 or None, got {brain_margin!r}")
+        self.brain_margin = None if brain_margin is None else int(brain_margin)
         self.skip_ids: set[str] = set()  # cases not to forecast, e.g. those a resumed evaluation already scored
 
     def run(self) -> list[dict[str, Any]]:
@@ -341,9 +350,20 @@ class ForecastRunner:
             arms=self.arms,
         )[0].cpu().numpy() > 0.5  # (A, K, *S)
 
-        from scripts.regions import REGIONS, region_map
+        from scripts.regions import REGIONS, brain_restriction, region_map
 
         regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
+        restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
+        if self.brain_margin is not None:
+            allowed = brain_restriction(regions, self.brain_margin)
+            if allowed is None:
+                logger.warning("case %s: no brain found in its images; forecasts are not restricted to the brain",
+                               case_id)
+            else:
+                removed = int((samples & ~allowed).sum())
+                samples &= allowed
+                restriction.update(applied=True, removed_voxels_per_sample=removed / max(samples.shape[0] *
+                                                                                        samples.shape[1], 1))
         to_working = np.linalg.inv(working_affine)
 
         staging = Path(tempfile.mkdtemp(prefix=temp_prefix(case_id), dir=self.output_dir))
@@ -376,6 +396,7 @@ class ForecastRunner:
                 "num_samples": int(samples.shape[1]),
                 "horizon_weeks": horizon,
                 "reference_key": data.get("reference_key"),
+                "brain_restriction": restriction,
                 "arms": arms_out,
             }
             effects = effects_vs_placebo(arms_out)
@@ -446,14 +467,8 @@ def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def write_summary(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Write ``summary.csv`` atomically (empty fields for undefined effects)."""
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_FIELDS})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, prefix=temp_prefix(path.name), suffix="") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_FIELDS})

@@ -396,6 +396,21 @@ def region_map(cond: np.ndarray | torch.Tensor, spacing_mm: float | Sequence[flo
     return out
 
 
+def brain_restriction(regions: np.ndarray, margin_voxels: int = 1) -> np.ndarray | None:
+    """Where a forecast lesion may lie: the brain of ``regions`` (:func:`region_map`) grown by ``margin_voxels``.
+
+    NET2 lesions are brain lesions, yet a sampled forecast can hold isolated voxels in the scalp or the air; a margin
+    keeps lesions at the brain's edge (juxtacortical, partial volume) whole where the brain mask is a voxel short.
+    None when ``regions`` holds no brain (no MRI, or none found): then nothing should be restricted.
+    """
+    brain = np.asarray(regions) > 0
+    if not brain.any():
+        return None
+    if margin_voxels > 0:
+        brain = ndimage.binary_dilation(brain, structure=np.ones((3, 3, 3), bool), iterations=int(margin_voxels))
+    return brain
+
+
 def lesion_regions(mask: np.ndarray, regions: np.ndarray) -> list[str]:
     """Region of each 26-connected component of ``mask``, in ``scipy.ndimage.label`` order (3x3x3 structure).
 

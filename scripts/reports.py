@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import cm, colors  # noqa: E402
+
+from scripts.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +42,37 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(values.items()) for tag, values in series.items()}
 
 
-def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model") -> dict:
-    """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series."""
+def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model",
+                    references: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+    """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series.
+
+    ``references``: per metric tag, labelled reference levels drawn as horizontal lines (e.g. the score of an empty
+    forecast and of the generator's true expected count on the same validation cases).
+    """
     scalars = read_scalars(tb_dir)
-    wanted = {"train_loss": "training loss (train.json's loss)", "val_count_mae": "validation NET2 count MAE",
+    wanted = {"train_loss": "training loss (train.json's loss)",
+              "val_count_crps": "validation NET2 count CRPS (lesions)",
+              "val_count_mae": "validation NET2 count MAE (lesions)",
+              "val_activity_brier": "validation Brier score of P(active)",
               "val_dice": "validation Dice of the forecast mask"}
     present = [tag for tag in wanted if tag in scalars]
     if not present:
         raise ValueError(f"no training or validation scalars in {tb_dir}; found {sorted(scalars)}")
-    with _figure(out, nrows=1, ncols=len(present), figsize=(5 * len(present), 4), squeeze=False) as (fig, axes):
-        for ax, tag in zip(axes[0], present, strict=True):
+    ncols = min(3, len(present))
+    nrows = -(-len(present) // ncols)
+    with _figure(out, nrows=nrows, ncols=ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False) as (fig, axes):
+        for ax in axes.flat[len(present):]:
+            ax.set_visible(False)
+        for ax, tag in zip(axes.flat, present, strict=False):
             steps, values = zip(*scalars[tag], strict=True)
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="model")
+            for (label, level), style in zip((references or {}).get(tag, {}).items(), ("--", ":", "-."),
+                                             strict=False):
+                ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{label} ({level:.2f})")
+            if (references or {}).get(tag):
+                ax.legend(fontsize=8)
+            if tag == "train_loss" and min(values) > 0:
+                ax.set_yscale("log")  # the loss falls over decades; a linear axis shows only the first epochs
             ax.set_xlabel("epoch")
             ax.set_ylabel(wanted[tag])
             ax.set_title(wanted[tag])
@@ -207,17 +226,9 @@ def _summary(arm: Mapping[str, Any] | None) -> tuple[float, float, np.ndarray, f
 
 
 def _save_atomic(fig: plt.Figure, out: Path, dpi: int) -> None:
-    """Write ``fig`` as PNG to a temporary file next to ``out``, then move it in place (readers never see half)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    """Write ``fig`` as PNG atomically (readers never see half a file)."""
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -601,9 +612,11 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def curves(tb_dir: str, out: str) -> None:
-        """Plot a run's curves and print the series as JSON."""
-        print(json.dumps(training_curves(tb_dir, out)))
+    def curves(tb_dir: str, out: str, references: str | None = None) -> None:
+        """Plot a run's curves and print the series as JSON; ``references``: a JSON file
+        ``{tag: {label: level}}`` of reference lines."""
+        refs = json.loads(Path(references).read_text()) if references else None
+        print(json.dumps(training_curves(tb_dir, out, references=refs)))
 
     fire.Fire({"training_curves": curves})
 

@@ -50,10 +50,9 @@ def test_training_configs_share_the_network_and_grid() -> None:
     # the shipped weights are trained with train.json and loaded with inference.json
     for key in ("network_def", "spatial_size", "spacing"):
         assert inference[key] == train[key], key
-    # the same schedule; inference adds only the sampling calibration (debias_weight)
-    sampling = dict(inference["noise_scheduler"])
-    assert sampling.pop("debias_weight") > 0
-    assert sampling == train["noise_scheduler"]
+    # the same schedule, and validation samples as inference does (the same de-bias weight)
+    assert inference["noise_scheduler"] == train["noise_scheduler"]
+    assert inference["debias_weight"] == train["debias_weight"] > 0
     diffusion_net = dict(train["network_def"], _target_=None)
     baseline_net = dict(baseline["network_def"], _target_=None)
     assert diffusion_net == baseline_net

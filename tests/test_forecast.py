@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from scripts.constants import ARMS
 from scripts.forecast import effects_vs_placebo, summarize_arm
@@ -142,3 +143,38 @@ def test_real_patient_all_arms_on_its_grid(patient01_study1: dict[str, str], tmp
     datalist.write_text(json.dumps({"testing": [patient01_study1]}))
     _forecast(["--datalist", str(datalist), "--output_dir", str(tmp_path / "out"), *FAST])
     _check_case_outputs(tmp_path / "out" / "patient01", Path(patient01_study1["flair_1"]), list(ARMS), num_samples=2)
+
+
+def test_forecasts_are_restricted_to_the_brain(tiny_cohort: Path, small_weights: Path, tmp_path: Path) -> None:
+    """Untrained weights with a de-bias weight far below 1 draw lesion voxels everywhere; the default run keeps only
+    those in or next to the brain."""
+    common = ["--datalist", str(tiny_cohort), "--ckpt_path", str(small_weights), "--treatments", "['placebo']",
+              "--debias_weight", "0.001", *FAST, *TINY_GRID, *SMALL_NET]
+    _forecast([*common, "--output_dir", str(tmp_path / "brain")])
+    _forecast([*common, "--output_dir", str(tmp_path / "all"), "--restrict_to_brain", "False"])
+    case = json.loads(tiny_cohort.read_text())["testing"][0]
+    kept = json.loads((tmp_path / "brain" / case["id"] / "forecast.json").read_text())
+    drawn = json.loads((tmp_path / "all" / case["id"] / "forecast.json").read_text())
+    assert kept["brain_restriction"]["applied"] and kept["brain_restriction"]["brain_margin_voxels"] == 1
+    assert kept["brain_restriction"]["removed_voxels_per_sample"] > 0
+    assert drawn["brain_restriction"] == {"brain_margin_voxels": None, "applied": False}
+    # the same noise: the restricted samples are the drawn ones minus the voxels outside
+    assert kept["arms"]["placebo"]["expected_volume_mm3"] < drawn["arms"]["placebo"]["expected_volume_mm3"]
+    prob = np.asanyarray(nib.load(tmp_path / "brain" / case["id"] / "placebo_prob.nii.gz").dataobj)
+    tissue = np.asanyarray(nib.load(tiny_cohort.parent / "truth" / f"{case['id']}_tissue.nii.gz").dataobj) > 0
+    # well outside the brain (1 voxel of margin, 1 of resampling to the input grid, and the mask's own error)
+    far = ~ndimage.binary_dilation(tissue, iterations=5)
+    assert prob[far].max() == 0.0
+    unrestricted = np.asanyarray(nib.load(tmp_path / "all" / case["id"] / "placebo_prob.nii.gz").dataobj)
+    assert unrestricted[far].max() > 0.0
+
+
+def test_brain_restriction_margin() -> None:
+    from scripts.regions import brain_restriction
+
+    regions = np.zeros((9, 9, 9), np.uint8)
+    regions[3:6, 3:6, 3:6] = 2
+    assert brain_restriction(regions, 0).sum() == 27
+    grown = brain_restriction(regions, 1)
+    assert grown.sum() == 5**3 and grown[2, 2, 2] and not grown[1, 4, 4]
+    assert brain_restriction(np.zeros((4, 4, 4), np.uint8)) is None

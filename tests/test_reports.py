@@ -181,3 +181,21 @@ def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
     out = forecast_figure(flair, probs, _summaries(ARMS), tmp_path / "forecast.png", affine=case.grid.affine,
                           title=f"case {case.case_id}")
     _check_png(out)
+
+
+def test_training_curves_with_reference_lines(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from scripts.reports import training_curves
+
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        for epoch in range(1, 4):
+            writer.add_scalar("train_loss", 1.0 / epoch, epoch)
+            writer.add_scalar("val_count_crps", 2.0 - 0.1 * epoch, epoch)
+    out = tmp_path / "curves.png"
+    series = training_curves(str(tmp_path / "tb"), str(out), references={"val_count_crps": {"empty": 1.45}})
+    assert out.stat().st_size > 0
+    assert series["val_count_crps"] == [(1, pytest.approx(1.9)), (2, pytest.approx(1.8)), (3, pytest.approx(1.7))]
+    assert set(series) == {"train_loss", "val_count_crps"}
+    with pytest.raises(ValueError, match="no training or validation scalars"):
+        training_curves(str(tmp_path / "nothing"), str(tmp_path / "x.png"))

@@ -46,7 +46,8 @@ def test_train_writes_checkpoint_and_resumes(tiny_cohort: Path, tmp_path: Path) 
     saved = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
     assert {"network", "ema", "optimizer", "lr_scheduler", "trainer"} <= set(saved)
     assert _epoch_of(models / "checkpoint_epoch=1.pt") == 1
-    assert "val_count_mae" in log and "train_loss" in log
+    assert "val_count_crps" in log and "val_count_mae" in log and "train_loss" in log
+    assert (models / "ema_model_epoch=1.pt").is_file()  # EMA weights of every validation
     assert (tmp_path / "tensorboard").is_dir()
 
     log = _train("bundle/configs/train.json", tiny_cohort, tmp_path, epochs=2)
@@ -81,4 +82,4 @@ def test_mlflow_tracking(tiny_cohort: Path, tmp_path: Path) -> None:
           "--tracking", "mlflow"])
     with sqlite3.connect(tmp_path / "mlruns.db") as db:
         keys = {row[0] for row in db.execute("select distinct key from metrics")}
-    assert {"train_loss", "val_count_mae", "val_dice"} <= keys, keys
+    assert {"train_loss", "val_count_crps", "val_count_mae", "val_activity_brier", "val_dice"} <= keys, keys
