@@ -80,7 +80,9 @@ CONVENTIONS: dict[str, str] = {
                         "harmonic mean. Precision is null without forecast lesions and recall without true lesions; "
                         "F1 then follows scripts.lesions (precision 1 without forecast lesions, recall 1 without "
                         "true lesions; null when both are absent). The per-case F1 is that of scripts.lesions (1 "
-                        "when both masks are empty).",
+                        "when both masks are empty). Per sample: the same detection for every sampled forecast "
+                        "mask (a method's K samples of a case count as K forecasts; the deterministic network's mask "
+                        "as one), pooled over samples and cases.",
     "count": "Expected count: diffusion models the mean lesion count over samples; deterministic network the "
              "lesion count of its mask (working grid); population the training-split arm rate (NET2 lesions per "
              "week, sum of counts over sum of horizons; arms absent from the training split use the pooled rate) "
@@ -486,6 +488,15 @@ def summarize_factual(records: Sequence[Mapping[str, Any]], method: str,
         for key in ("dice_active", "dice_all", "lesion_precision", "lesion_recall", "lesion_f1", "location"):
             out[key] = None
             notes[key] = NOT_APPLICABLE + "no forecast mask" if rows else "no case"
+    sample_tables = [m["sample_lesions"] for _, m in rows if "sample_lesions" in m]
+    if sample_tables:
+        pooled = _pooled_detection(sample_tables)
+        out.update(sample_lesion_precision=pooled["precision"], sample_lesion_recall=pooled["recall"],
+                   sample_lesion_f1=pooled["f1"], sample_lesion_counts=pooled)
+    else:
+        for key in ("sample_lesion_precision", "sample_lesion_recall", "sample_lesion_f1"):
+            out[key] = None
+            notes[key] = NOT_APPLICABLE + "no forecast samples" if rows else "no case"
     geds = [m["ged"] for _, m in rows if m.get("ged") is not None]
     out["ged_mean"] = _mean(geds)
     if not geds:
@@ -895,6 +906,12 @@ class Evaluator:
             out["lesions"] = lesion_table(pred.mask, label, affine, regions)
         if pred.samples is not None:
             out["ged"] = generalized_energy_distance(pred.samples, label)
+            # every sample is a forecast of its own: lesion-wise detection of each, summed (the mask of a sampled
+            # forecast holds only voxels most samples agree on, which new lesions at uncertain places never are)
+            keys = ("tp", "fp", "fn", "n_forecast_lesions", "n_true_lesions", "matched_forecast_lesions")
+            per_sample = [lesion_table(sample, label, affine) for sample in pred.samples]
+            out["sample_lesions"] = {k: int(sum(t[k] for t in per_sample)) for k in keys}
+            out["sample_lesions"]["n_samples"] = len(per_sample)
         if pred.prob is not None:
             where = domain | (pred.prob > 0)
             pending += [((method, group), pred.prob, label, where) for group in ("all", arm)]
@@ -1253,9 +1270,14 @@ def render_report(metrics: Mapping[str, Any]) -> str:
           _cell(m, "interval_coverage_90", percent=True)] for label, m in sections]))
     lines += ["", _table(
         ["method", "activity AUC", "activity average precision", "balanced accuracy (P >= 0.5)",
-         "voxel ECE (0-1)", "GED (0-2)"],
+         "voxel ECE (0-1)", "GED (0-2)", "lesion precision, per sample", "lesion recall, per sample",
+         "lesion F1, per sample"],
         [[label, _cell(m, "auc"), _cell(m, "average_precision"), _cell(m, "balanced_accuracy"),
-          _cell(m, "ece", 4), _cell(m, "ged_mean")] for label, m in sections]), ""]
+          _cell(m, "ece", 4), _cell(m, "ged_mean"), _cell(m, "sample_lesion_precision"),
+          _cell(m, "sample_lesion_recall"), _cell(m, "sample_lesion_f1")] for label, m in sections]), "",
+        "Per sample: every sampled forecast mask against the observed mask, lesion-wise, pooled over samples and "
+        "cases (the deterministic network's one mask counts as one sample); the columns 'lesion precision/recall/"
+        "F1' above score the forecast mask (voxels with probability >= 0.5).", ""]
     lines += ["n/a: the method does not produce this (e.g. no lesion mask for the count-only baselines).", ""]
     notes = _undefined_notes(sections)
     if not o["n_cases"]:

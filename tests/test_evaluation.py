@@ -213,6 +213,10 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
     assert overall["dice_all"] == 1.0 and overall["count_mae"] == 0.0 and overall["ged_mean"] == 0.0
     assert overall["ece"] == 0.0 and overall["interval_coverage_90"] == 1.0
     assert overall["lesion_recall"] in (1.0, None) and overall["lesion_precision"] in (1.0, None)
+    # every sample is the truth: per-sample detection is perfect, each true lesion counted once per sample
+    samples = overall["sample_lesion_counts"]
+    assert samples["tp"] == 2 * overall["lesion_counts"]["tp"] and samples["fp"] == samples["fn"] == 0
+    assert overall["sample_lesion_f1"] in (1.0, None)
     location = overall["location"]
     assert location["share_within"] in (1.0, None)
     detected = sum(v["detected"] for v in location["detection_by_region"].values())
@@ -383,8 +387,9 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     assert len(metrics["cases"]) == len(testing) == metrics["overall"]["n_cases"]
     for key in ("dice_active", "dice_all", "lesion_precision", "lesion_recall", "lesion_f1", "count_mae",
                 "count_spearman", "interval_coverage_90", "auc", "average_precision", "balanced_accuracy", "ece",
-                "ged_mean", "location"):
+                "ged_mean", "location", "sample_lesion_f1"):
         assert key in metrics["overall"], key
+    assert "lesion F1, per sample" in (out / "report.md").read_text()
     assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "oracle"}
     assert all(section["available"] for section in metrics["baselines"].values())
     assert metrics["counterfactual"]["available"]
