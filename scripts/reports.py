@@ -43,11 +43,13 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model",
-                    references: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+                    references: Mapping[str, Mapping[str, float]] | None = None,
+                    key_metric: str = "val_count_crps") -> dict:
     """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series.
 
     ``references``: per metric tag, labelled reference levels drawn as horizontal lines (e.g. the score of an empty
-    forecast and of the generator's true expected count on the same validation cases).
+    forecast and of the generator's true expected count on the same validation cases). The lowest point of
+    ``key_metric`` (train.json's key validation metric, lower is better) is marked: the run keeps those weights.
     """
     scalars = read_scalars(tb_dir)
     wanted = {"train_loss": "training loss (train.json's loss)",
@@ -66,10 +68,14 @@ def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 fo
         for ax, tag in zip(axes.flat, present, strict=False):
             steps, values = zip(*scalars[tag], strict=True)
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="model")
+            if tag == key_metric:
+                best = int(np.argmin(values))  # the first minimum, as the run's key-metric saver keeps it
+                ax.plot(steps[best], values[best], marker="*", markersize=14, color="tab:red", linestyle="none",
+                        label=f"kept as model.pt (epoch {steps[best]})")
             for (label, level), style in zip((references or {}).get(tag, {}).items(), ("--", ":", "-."),
                                              strict=False):
                 ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{label} ({level:.2f})")
-            if (references or {}).get(tag):
+            if (references or {}).get(tag) or tag == key_metric:
                 ax.legend(fontsize=8)
             if tag == "train_loss" and min(values) > 0:
                 ax.set_yscale("log")  # the loss falls over decades; a linear axis shows only the first epochs
