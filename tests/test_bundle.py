@@ -48,7 +48,7 @@ def test_training_configs_share_the_network_and_grid() -> None:
     baseline = ConfigParser.load_config_file(CONFIGS / "train_deterministic.json")
     inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
     # the shipped weights are trained with train.json and loaded with inference.json
-    for key in ("network_def", "spatial_size", "spacing"):
+    for key in ("network_def", "spatial_size", "spacing", "snap_grid"):
         assert inference[key] == train[key], key
     # the same schedule, and validation samples as inference does (the same de-bias weight)
     assert inference["noise_scheduler"] == train["noise_scheduler"]

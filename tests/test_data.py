@@ -536,3 +536,50 @@ def test_crop_weights_come_from_inputs_only():
     assert int((weights == 1.0).sum()) == 8**3 - 2
     same = D.CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": torch.zeros_like(label)})
     assert torch.equal(same["crop_weight"], weights)  # the label plays no part
+
+
+def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
+    """An input on a 3 mm grid offset by a fraction of a voxel from the brain-centred working grid: linear resampling
+    erodes single-voxel lesions away; snapping the working grid to the input lattice keeps every voxel."""
+    from monai.data import MetaTensor
+
+    from scripts.lesions import count_lesions
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [-47.3, -46.6, -44.9]  # not a multiple of the centre's lattice: a sub-voxel offset
+    mask = np.zeros((32, 32, 32), np.float32)
+    lesions = [(10, 12, 14), (20, 20, 9), (15, 25, 22)]
+    for ijk in lesions:
+        mask[ijk] = 1.0
+    mri = np.random.default_rng(0).uniform(0.2, 1.0, (32, 32, 32)).astype(np.float32)
+    centre = np.array([0.4, -0.7, 1.1])  # the brain's centroid, anywhere in the field of view
+
+    def run(snap: bool) -> dict:
+        case = {"flair_1": MetaTensor(torch.from_numpy(mri)[None], affine=torch.from_numpy(affine)),
+                "label": MetaTensor(torch.from_numpy(mask)[None], affine=torch.from_numpy(affine)),
+                "reference_centre": centre, "reference_affine": torch.from_numpy(affine)}
+        return D.ToWorkingGridd(spatial_size=(32, 32, 32), spacing=(3.0, 3.0, 3.0), anti_alias=False,
+                                snap_to_reference=snap)(case)
+
+    plain, snapped = run(False), run(True)
+    assert count_lesions(np.asarray(plain["label"][0]) > 0.5) < len(lesions)
+    assert count_lesions(np.asarray(snapped["label"][0]) > 0.5) == len(lesions)
+    # the snapped grid is the input lattice, shifted by whole voxels: the MRI is copied, not interpolated
+    shift = np.linalg.solve(affine[:3, :3], np.asarray(snapped["working_affine"])[:3, 3] - affine[:3, 3])
+    np.testing.assert_allclose(shift, np.rint(shift), atol=1e-9)
+    moved = np.asarray(snapped["working_affine"])[:3, 3] - np.asarray(plain["working_affine"])[:3, 3]
+    assert np.abs(moved).max() <= 1.5  # at most half a voxel
+    s = np.rint(shift).astype(int)
+    out = np.asarray(snapped["flair_1"][0])
+    np.testing.assert_allclose(out[2:-2, 2:-2, 2:-2], mri[2 + s[0]:30 + s[0], 2 + s[1]:30 + s[1], 2 + s[2]:30 + s[2]],
+                               atol=1e-5)
+
+
+def test_snap_to_voxel_centre_leaves_oblique_grids() -> None:
+    flipped = np.diag([-2.0, 2.0, 3.0, 1.0])
+    flipped[:3, 3] = [10.0, -5.0, 1.0]
+    np.testing.assert_allclose(D.snap_to_voxel_centre([5.1, -0.8, 2.4], flipped), [6.0, -1.0, 1.0])
+    theta = 0.3
+    oblique = np.eye(4)
+    oblique[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    np.testing.assert_allclose(D.snap_to_voxel_centre([0.3, 0.4, 0.5], oblique), [0.3, 0.4, 0.5])
