@@ -241,6 +241,34 @@ def remove_temporary_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class ValidationState:
+    """The best validation score so far and the key-metric saver's record of it, as one checkpointable object.
+
+    Both live in memory only (the evaluator's ``state.best_metric``, the saver's tracking list), so a resumed run
+    would take its first validation as the best and overwrite ``model.pt`` even with worse weights. Saved in the
+    trainer checkpoint (``load_dict``), they survive a resume: ``model.pt`` stays the best of the whole run.
+    """
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver | None = None) -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.evaluator.state
+        out: dict[str, Any] = {"best_metric": float(state.best_metric),
+                               "best_metric_epoch": int(state.best_metric_epoch)}
+        tracker = getattr(self.saver, "_key_metric_checkpoint", None)  # MONAI has load_state_dict, no getter
+        if tracker is not None:
+            out["key_metric_saved"] = tracker.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = state_dict["best_metric"]
+        self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
+        if self.saver is not None and "key_metric_saved" in state_dict:
+            self.saver.load_state_dict(dict(state_dict["key_metric_saved"]))
+
+
 class ResumeFromCheckpoint:
     """Resume a run from the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir``, if there is one.
 
@@ -267,7 +295,12 @@ class ResumeFromCheckpoint:
             logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)
             return
         logger.info("resuming from %s", path)
-        load_dict = {**self.load_dict, "trainer": engine}
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        missing = [key for key in self.load_dict if key not in saved]
+        del saved
+        if missing:  # e.g. a checkpoint written before the validation state was saved
+            logger.warning("%s holds no %s: not restored", path, ", ".join(missing))
+        load_dict = {**{k: v for k, v in self.load_dict.items() if k not in missing}, "trainer": engine}
         CheckpointLoader(load_path=path, load_dict=load_dict, map_location=self.map_location).attach(engine)
         engine.add_event_handler(
             Events.STARTED, lambda e: logger.info("resumed at epoch %d, iteration %d", e.state.epoch, e.state.iteration)

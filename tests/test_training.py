@@ -55,6 +55,14 @@ def test_train_writes_checkpoint_and_resumes(tiny_cohort: Path, tmp_path: Path) 
     assert _epoch_of(models / "checkpoint_epoch=2.pt") == 2
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("patch_embed") for k in state)
+    # the best validation survives the resume: model.pt holds the EMA of the best epoch of the whole run (ties keep
+    # the earlier one), not the first validation after the resume
+    best = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)["validation"]
+    assert best["best_metric_epoch"] in (1, 2)
+    kept = torch.load(models / f"ema_model_epoch={best['best_metric_epoch']}.pt", map_location="cpu",
+                      weights_only=True)
+    assert all(torch.equal(state[k], kept[k]) for k in state)
+    assert f"best value: {best['best_metric']}" in log and f"at epoch: {best['best_metric_epoch']}" in log
 
 
 def test_deterministic_baseline_trains(tiny_cohort: Path, tmp_path: Path) -> None:
