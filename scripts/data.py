@@ -105,6 +105,8 @@ def lesion_load(mask: torch.Tensor | np.ndarray, voxel_mm3: float) -> list[float
     """:data:`LOAD_FEATURES` of a binary mask: [log(1 + lesion count), log(1 + volume in mL)]."""
     m = np.asarray(mask) > 0.5
     return [math.log1p(count_lesions(m)), math.log1p(float(m.sum()) * voxel_mm3 / 1000.0)]
+
+
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {"training": ("treatment", LABEL_KEY), "validation": (LABEL_KEY,)}
 """Keys every entry of a split must hold besides ``id`` and a visit-1 MRI (training learns from both; validation
 scores against the label). Forecasting (``testing``) needs neither."""

@@ -295,7 +295,8 @@ class ResumeFromCheckpoint:
             logger.info("no checkpoint in %s: training starts at epoch 1", self.ckpt_dir)
             return
         logger.info("resuming from %s", path)
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # its keys only: memory-mapped, the tensors are not read (CheckpointLoader reads them once, below)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         missing = [key for key in self.load_dict if key not in saved]
         del saved
         if missing:  # e.g. a checkpoint written before the validation state was saved

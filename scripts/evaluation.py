@@ -769,7 +769,7 @@ class Evaluator:
 
     def __call__(self, *, case: Mapping[str, Any], data: Mapping[str, Any], samples: np.ndarray,
                  forecast: Mapping[str, Any], probs: Mapping[str, np.ndarray], regions: np.ndarray,
-                 **_: Any) -> None:
+                 allowed: np.ndarray | None = None, **_: Any) -> None:
         """Score one forecast case (called by ``ForecastRunner`` with the binary samples (A, K, *working grid))."""
         self.prepare()
         case_id = str(case["id"])
@@ -794,12 +794,7 @@ class Evaluator:
         # samples go to the reference grid only where they are compared (GED): reference grids can be large
         evaluated = case.get("label") is not None and factual in arms
         sample_arms = set(arms) if truth is not None else {factual} if evaluated else set()
-        allowed = None
-        restriction = forecast.get("brain_restriction") or {}
-        if restriction.get("applied"):  # the baselines get the same restriction as the diffusion samples
-            from scripts.regions import brain_restriction
-
-            allowed = brain_restriction(regions, int(restriction["brain_margin_voxels"]))
+        # the baselines get the restriction the diffusion samples got (``allowed``)
         predictions = self._predict(data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms,
                                     allowed)
         pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]] = []

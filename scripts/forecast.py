@@ -236,7 +236,8 @@ class ForecastRunner:
         case_hooks: callables run for every forecast case before its folder is moved into place, with keyword
             arguments ``case`` (datalist entry), ``data`` (preprocessed), ``samples`` (binary (A, K, *working grid)),
             ``forecast`` (``forecast.json`` content), ``probs`` (arm -> probability on the reference grid) and
-            ``regions`` (region map, working grid); e.g. :class:`scripts.evaluation.Evaluator`. A hook that raises
+            ``regions`` (region map, working grid) and ``allowed`` (the brain restriction applied to the samples,
+            working grid; None when none was); e.g. :class:`scripts.evaluation.Evaluator`. A hook that raises
             fails the case.
         brain_margin: forecast voxels farther than this many voxels outside the brain found in the case's own images
             (:func:`scripts.regions.brain_restriction`) are removed from every sample before anything is counted
@@ -354,6 +355,7 @@ class ForecastRunner:
 
         regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
+        allowed = None
         if self.brain_margin is not None:
             allowed = brain_restriction(regions, self.brain_margin)
             if allowed is None:
@@ -412,7 +414,8 @@ class ForecastRunner:
                                 affine=working_affine)
             # hooks (the evaluation) see the samples without them being saved
             for hook in self.case_hooks:
-                hook(case=case, data=data, samples=samples, forecast=forecast, probs=probs_reference, regions=regions)
+                hook(case=case, data=data, samples=samples, forecast=forecast, probs=probs_reference, regions=regions,
+                     allowed=allowed)
             (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))
             _move_into_place(staging, self.output_dir / case_id)
         except BaseException:

@@ -128,11 +128,11 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
 
     ``empty forecast``: no lesion ever (its CRPS is its absolute error). ``oracle``: Poisson(the generator's true
     expected count under the factual arm), where the synthetic cohort's truth files (``truth/<id>.json`` beside the
-    datalist) exist for every case. Counts are taken on the labels' own grid.
+    datalist) exist for every case. Counts are taken on the labels' own grid, or, with ``transform`` (a training
+    config's ``validate#preprocessing``), on the label that validation sees (the working grid).
     """
-    import nibabel as nib
-
     from scripts.data import load_datalist
+    from scripts.lesions import load_mask
 
     cases = [c for c in load_datalist(datalist, split) if c.get("label")]
     if not cases:
@@ -141,7 +141,7 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
     observed, means = [], []
     for case in cases:
         if transform is None:
-            label = np.asanyarray(nib.load(str(case["label"])).dataobj).squeeze()
+            label = load_mask(case["label"])[0]
         else:
             label = _numpy(transform(dict(case))["label"])[0]
         observed.append(count_lesions(label > 0.5))
