@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage, stats
@@ -612,11 +611,8 @@ def null_treatment_inferer(inferer: Any) -> Any:
 
 
 def count_native(path: str | os.PathLike) -> int:
-    """Lesion count of a binary NIfTI mask on its own grid (a trailing singleton 4th axis is dropped)."""
-    data = np.asanyarray(nib.load(str(path)).dataobj)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return count_lesions(data > 0.5)
+    """Lesion count of a binary NIfTI mask on its own grid (``scripts.lesions.load_mask``: 3D, finite)."""
+    return count_lesions(load_mask(path)[0])
 
 
 def load_mask_on(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
