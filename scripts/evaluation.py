@@ -62,6 +62,7 @@ NOT_APPLICABLE = "not applicable: "
 """Prefix of the note of a metric the method cannot have (no mask, samples, interval or probabilities)."""
 INTERVAL_LEVEL = 0.9
 DISTANCE_MM = 10.0
+BOOTSTRAP_RESAMPLES = 2000
 
 CONVENTIONS: dict[str, str] = {
     "grid": "Forecasts and truth masks are compared on the case's reference grid (that of flair_1). Binary "
@@ -115,6 +116,10 @@ CONVENTIONS: dict[str, str] = {
                       "when every pair is right. Per case the strength is the patient's true efficacy; for the "
                       "cohort, arms are ordered by their summed expected counts (predicted against true). The "
                       "treatment-unaware model forecasts every arm alike.",
+    "comparison": "Diffusion model against each baseline on the same factual cases: differences of count MAE and "
+                  "activity AUC (diffusion minus baseline) with 95% percentile intervals of a paired bootstrap "
+                  f"({BOOTSTRAP_RESAMPLES} resamples of the cases with replacement, seed 0; resamples holding one "
+                  "activity class only are skipped for the AUC).",
 }
 
 
@@ -186,6 +191,46 @@ def interval_coverage(intervals: Sequence[Sequence[float] | None], true: Sequenc
     """Share of cases whose true count lies in its interval (bounds included); cases without interval are left out."""
     hits = [lo <= t <= hi for (lo, hi), t in ((i, t) for i, t in zip(intervals, true, strict=True) if i is not None)]
     return float(np.mean(hits)) if hits else None
+
+
+def paired_comparison(records: Sequence[Mapping[str, Any]], method: str, baseline: str,
+                      n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """``method`` against ``baseline`` on the same factual cases: count MAE and activity AUC differences with 95%
+    paired-bootstrap intervals (cases resampled with replacement, seeded; resamples with one class skip the AUC).
+
+    ``mae_difference`` < 0 and ``auc_difference`` > 0 favour ``method``; ``*_share_better`` is the share of
+    resamples in which ``method`` is strictly better."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = [(r, r["methods"][method], r["methods"][baseline]) for r in records
+            if method in r.get("methods", {}) and baseline in r.get("methods", {})]
+    out: dict[str, Any] = {"n_cases": len(rows), "n_resamples": int(n_boot), "seed": int(seed),
+                           "mae_difference": None, "mae_difference_ci95": None, "mae_share_better": None,
+                           "auc_difference": None, "auc_difference_ci95": None, "auc_share_better": None, "notes": {}}
+    if not rows:
+        out["notes"]["mae_difference"] = "no case with both methods"
+        return out
+    true = np.array([r["true_count"] for r, _, _ in rows], dtype=np.float64)
+    active = np.array([bool(r["active"]) for r, _, _ in rows])
+    err_a = np.abs(np.array([a["expected_count"] for _, a, _ in rows], dtype=np.float64) - true)
+    err_b = np.abs(np.array([b["expected_count"] for _, _, b in rows], dtype=np.float64) - true)
+    p_a = np.array([a["p_active"] for _, a, _ in rows], dtype=np.float64)
+    p_b = np.array([b["p_active"] for _, _, b in rows], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(rows), size=(int(n_boot), len(rows)))
+    mae_diff = (err_a[idx] - err_b[idx]).mean(axis=1)
+    out["mae_difference"] = float(np.mean(err_a - err_b))
+    out["mae_difference_ci95"] = [float(q) for q in np.quantile(mae_diff, [0.025, 0.975])]
+    out["mae_share_better"] = float(np.mean(mae_diff < 0))
+    if active.all() or not active.any():
+        out["notes"]["auc_difference"] = "undefined: only one class of activity"
+        return out
+    out["auc_difference"] = float(roc_auc_score(active, p_a) - roc_auc_score(active, p_b))
+    auc_diff = [roc_auc_score(active[i], p_a[i]) - roc_auc_score(active[i], p_b[i])
+                for i in idx if active[i].any() and not active[i].all()]
+    out["auc_difference_ci95"] = [float(q) for q in np.quantile(auc_diff, [0.025, 0.975])]
+    out["auc_share_better"] = float(np.mean(np.asarray(auc_diff) > 0))
+    return out
 
 
 def iou_distance_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -988,6 +1033,8 @@ class Evaluator:
             if method == "population" and self.population is not None:
                 section["rates"] = self.population
             baselines[method] = section
+        comparisons = {method: paired_comparison(factual, "diffusion", method)
+                       for method, section in baselines.items() if section["available"]}
         counterfactual: dict[str, Any] = {"available": bool(with_truth)}
         if with_truth:
             counterfactual.update(summarize_counterfactual(with_truth, "diffusion"))
@@ -1005,6 +1052,7 @@ class Evaluator:
             "per_arm": diffusion["per_arm"],
             "counterfactual": counterfactual,
             "baselines": baselines,
+            "comparisons": comparisons,
             "cases": [_case_summary(r) for r in records],
             "notes": self.notes + [f"{r['id']}: {r['note']}" for r in records if r.get("note")],
             "conventions": CONVENTIONS,
@@ -1228,6 +1276,28 @@ def _baselines_section(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _interval(values: Sequence[float] | None) -> str:
+    return "–" if not values else f"{_fmt(values[0])} to {_fmt(values[1])}"
+
+
+def _comparisons_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Report lines: the diffusion model against each baseline, paired over the same cases, with bootstrap CIs."""
+    comparisons = {m: c for m, c in metrics.get("comparisons", {}).items() if c.get("n_cases")}
+    if not comparisons:
+        return []
+    first = next(iter(comparisons.values()))
+    return ["Diffusion model minus baseline on the same cases (95% paired-bootstrap interval, "
+            f"{first['n_resamples']} resamples of the cases; 'better' = share of resamples in which the diffusion "
+            "model is better). A count MAE difference below 0 and an AUC difference above 0 favour the diffusion "
+            "model; an interval that excludes 0 is a difference this cohort resolves.", "", _table(
+                ["baseline", "n", "count MAE difference (lesions)", "95% interval", "better",
+                 "activity AUC difference", "95% interval", "better"],
+                [[metrics["baselines"][m]["label"], _fmt(c["n_cases"]), _fmt(c.get("mae_difference")),
+                  _interval(c.get("mae_difference_ci95")), _fmt(c.get("mae_share_better"), percent=True),
+                  _fmt(c.get("auc_difference")), _interval(c.get("auc_difference_ci95")),
+                  _fmt(c.get("auc_share_better"), percent=True)] for m, c in comparisons.items()]), ""]
+
+
 def render_report(metrics: Mapping[str, Any]) -> str:
     """``report.md``: the evaluation for a clinician-researcher, tables with units, plots, conventions."""
     s = metrics["settings"]
@@ -1279,6 +1349,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
                     if not sec.get("available")]
     if not_provided:
         lines += ["Baselines not in the tables: " + "; ".join(not_provided) + ".", ""]
+    lines += _comparisons_section(metrics)
     lines += _images(metrics, ("count_scatter", "expected vs true NET2 count"), ("roc", "ROC of P(active)"))
 
     lines += ["## Factual forecasts by treatment arm (diffusion model)", ""]

@@ -26,6 +26,7 @@ from scripts.evaluation import (
     generalized_energy_distance,
     interval_coverage,
     lesion_table,
+    paired_comparison,
     poisson_interval,
     population_rates,
     ranking_agreement,
@@ -104,6 +105,25 @@ def test_count_and_activity_metrics() -> None:
     one_class = activity_metrics([0.2, 0.9], [True, True])
     assert one_class["auc"] is None and one_class["balanced_accuracy"] is None
     assert "only active" in one_class["notes"]["auc"]
+
+
+def test_paired_comparison_of_a_perfect_and_a_constant_forecast() -> None:
+    true = [0, 0, 1, 3, 0, 2]
+    records = [{"true_count": t, "active": t > 0,
+                "methods": {"a": {"expected_count": float(t), "p_active": float(t > 0)},
+                            "b": {"expected_count": 1.0, "p_active": 0.5}}} for t in true]
+    got = paired_comparison(records, "a", "b", n_boot=200)
+    assert got["n_cases"] == 6
+    assert got["mae_difference"] == pytest.approx(-np.mean(np.abs(np.array(true) - 1.0)))
+    lo, hi = got["mae_difference_ci95"]
+    assert lo <= got["mae_difference"] <= hi < 0 and got["mae_share_better"] > 0.9
+    assert got["auc_difference"] == pytest.approx(0.5)  # perfect separation against a constant
+    assert got["auc_difference_ci95"] == [pytest.approx(0.5), pytest.approx(0.5)] and got["auc_share_better"] == 1.0
+    same = paired_comparison(records, "a", "a", n_boot=50)
+    assert same["mae_difference"] == 0.0 and same["mae_share_better"] == 0.0 and same["auc_share_better"] == 0.0
+    inactive = paired_comparison([r for r in records if not r["active"]], "a", "b", n_boot=50)
+    assert inactive["auc_difference"] is None and "one class" in inactive["notes"]["auc_difference"]
+    assert paired_comparison(records, "a", "missing")["n_cases"] == 0
 
 
 def test_ranking_agreement() -> None:
@@ -390,6 +410,9 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
                 "ged_mean", "location", "sample_lesion_f1"):
         assert key in metrics["overall"], key
     assert "lesion F1, per sample" in (out / "report.md").read_text()
+    assert set(metrics["comparisons"]) == {"deterministic", "unaware", "population", "oracle"}
+    assert metrics["comparisons"]["population"]["n_cases"] == len(testing)
+    assert "paired-bootstrap interval" in (out / "report.md").read_text()
     assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "oracle"}
     assert all(section["available"] for section in metrics["baselines"].values())
     assert metrics["counterfactual"]["available"]
