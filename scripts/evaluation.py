@@ -660,12 +660,17 @@ def count_native(path: str | os.PathLike) -> int:
     return count_lesions(load_mask(path)[0])
 
 
-def load_mask_on(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """A binary NIfTI mask on the grid (``affine``, ``shape``); nearest-neighbour resampled when on another grid."""
-    mask, own_affine = load_mask(path)
+def mask_on_grid(mask: np.ndarray, own_affine: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A binary mask (on its grid ``own_affine``) on the grid (``affine``, ``shape``); nearest-neighbour resampled
+    when the grids differ."""
     if tuple(mask.shape) == tuple(shape) and np.allclose(own_affine, affine, atol=1e-3):
         return mask
     return to_reference_grid(mask.astype(np.float32), own_affine, affine, shape, mode="nearest") > 0.5
+
+
+def load_mask_on(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A binary NIfTI mask on the grid (``affine``, ``shape``); nearest-neighbour resampled when on another grid."""
+    return mask_on_grid(*load_mask(path), affine, shape)
 
 
 def _json_default(value: Any) -> Any:
@@ -847,8 +852,9 @@ class Evaluator:
         elif factual not in arms:
             record["note"] = f"factual arm {factual} not forecast: left out of the factual metrics"
         else:
-            label = load_mask_on(case["label"], affine, shape)
-            record["true_count"] = count_native(case["label"])
+            native, native_affine = load_mask(case["label"])  # read once: counted on its own grid, scored on ours
+            label = mask_on_grid(native, native_affine, affine, shape)
+            record["true_count"] = count_lesions(native)
             record["active"] = record["true_count"] > 0
             record["true_volume_mm3"] = float(label.sum() * voxel_volume_mm3(affine))
             domain = (regions_ref > 0) | label

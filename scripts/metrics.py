@@ -24,6 +24,7 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from scripts.files import write_text_atomic
 from scripts.lesions import count_lesions, dice
 
 
@@ -180,7 +181,7 @@ def main() -> None:
             transform = parser.get_parsed_content("validate#preprocessing")
         scores = reference_scores(datalist, split, transform)
         if out:
-            Path(out).write_text(json.dumps(scores, indent=2))
+            write_text_atomic(out, json.dumps(scores, indent=2))
         print(json.dumps(scores, indent=2))
 
     fire.Fire({"references": references})
