@@ -53,7 +53,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.sampler import resolve_precision
+import scripts.scheduler  # noqa: F401  (registers the shifted cosine schedule)
+from scripts.analysis import summarize_arm
+from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT, arm_index
+from scripts.data import load_datalist
+from scripts.forecast import ForecastRunner
+from scripts.sampler import PRECISIONS, ForecastSampler, resolve_precision
+from scripts.synthetic import generate_cohort
+from scripts.weights import load_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.json"
@@ -177,7 +184,6 @@ def load_config(args: argparse.Namespace) -> Any:
     """The inference config with the benchmark's overrides (quick sizes, device, sampler switches)."""
     from monai.bundle import ConfigParser
 
-    import scripts.scheduler  # noqa: F401  (registers the shifted cosine schedule)
 
     parser = ConfigParser()
     parser.read_config(str(args.config))
@@ -204,7 +210,6 @@ def build_network(parser: Any, args: argparse.Namespace) -> tuple[nn.Module, str
     Raises:
         BenchmarkError: the checkpoint is missing or does not match the network.
     """
-    from scripts.forecast import load_weights
 
     torch.manual_seed(0)
     network = copy.deepcopy(parser.get_parsed_content("network_def")).to(args.device)
@@ -223,7 +228,6 @@ def build_network(parser: Any, args: argparse.Namespace) -> tuple[nn.Module, str
 
 def benchmark_case(parser: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The benchmarked case: the first ``testing`` entry of ``--datalist`` (default: the config's datalist)."""
-    from scripts.data import load_datalist
 
     datalist = args.datalist or parser.get_parsed_content("datalist")
     cases = load_datalist(datalist, "testing")
@@ -238,8 +242,6 @@ def benchmark_case(parser: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
     """Forecast the benchmark case (all arms, K samples) in this process and time it; used by the child process."""
-    from scripts.constants import ARMS
-    from scripts.forecast import ForecastRunner
 
     parser = load_config(args)
     network, weights = build_network(parser, args)
@@ -416,7 +418,6 @@ def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: to
                     horizon: torch.Tensor, timesteps: Sequence[int] = (999, 750, 500, 250, 50)) -> dict[str, float]:
     """Largest error of the network's output (relative RMS) and of its x0 prediction (max abs) under ``precision``
     autocast against float32, over a background-only x_t (x0 = -1) at several timesteps."""
-    from scripts.sampler import PRECISIONS
 
     rel_rms, x0_err = 0.0, 0.0
     g = torch.Generator().manual_seed(0)
@@ -445,11 +446,6 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     Every sampler starts from the same noise per case (seed ``parity_seed + case index``). When the fast sampler
     runs in reduced precision, the same sampler in float32 is added (``fast_float32``) to isolate its effect.
     """
-    from scripts.constants import arm_index
-    from scripts.data import load_datalist
-    from scripts.forecast import summarize_arm
-    from scripts.sampler import ForecastSampler
-    from scripts.synthetic import generate_cohort
 
     size = [int(s) for s in parser.get_parsed_content("spatial_size")]
     spacing = [float(s) for s in parser.get_parsed_content("spacing")]
@@ -536,7 +532,6 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Cases per second of training iterations at ``train.json``'s settings on random tensors (no data loading)."""
     from monai.bundle import ConfigParser
 
-    from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
 
     parser = ConfigParser()
     parser.read_config(str(args.train_config))
@@ -600,7 +595,6 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[str, Any]:
     """All measurements; returns the JSON object (the contract's keys first)."""
-    from scripts.constants import ARMS
 
     parser = load_config(args)
     network, weights = build_network(parser, args)  # fails early and clearly on mismatched weights

@@ -1,6 +1,6 @@
 """Data pipeline: a datalist case -> the network's input on a fixed working grid, and back to the case's reference grid.
 
-A bundle config composes the transforms in this order (``preprocessing_transforms`` returns the same list)::
+The bundle configs compose the transforms in this order (``preprocessing`` of ``inference.json``)::
 
     LoadCased()                  # image keys + label -> float32 MetaTensor (1, *native) with its affine;
                                  # writes reference_key, reference_path, reference_affine, reference_shape,
@@ -9,7 +9,7 @@ A bundle config composes the transforms in this order (``preprocessing_transform
     ToWorkingGridd(spatial_size=(64, 64, 64), spacing=(3.0, 3.0, 3.0))
                                  # every image key + label -> working grid, one interpolation each;
                                  # writes working_affine
-    StackConditiond()            # -> cond (30, *S), label (1, *S), treatment (int64), horizon (float32)
+    StackConditiond()            # -> cond (40, *S), label (1, *S), treatment (int64), horizon (float32)
     RandDropInputsd(...)         # training only, last: random modality / visit-0 / net2_1 dropout
 
 Everything before ``RandDropInputsd`` is deterministic, so a ``CacheDataset`` caches its output. Forecasts go back
@@ -59,13 +59,11 @@ from scripts.constants import (
     REFERENCE_KEY_PRIORITY,
     arm_index,
 )
+from scripts.errors import CaseError, DatalistError
 from scripts.files import atomic_path
 from scripts.lesions import count_lesions, voxel_volume_mm3
 
 __all__ = [
-    "CaseError",
-    "DatalistError",
-    "InputError",
     "LoadCased",
     "CropWeightsFromInputsd",
     "RandDropInputsd",
@@ -74,12 +72,9 @@ __all__ = [
     "ToReferenceGridd",
     "ToWorkingGridd",
     "fields_of_view_overlap",
-    "find_case_error",
-    "find_error",
     "find_reference_key",
     "foreground_mask",
     "load_datalist",
-    "preprocessing_transforms",
     "save_nifti",
     "scale_foreground_percentiles",
     "to_reference_grid",
@@ -110,54 +105,6 @@ def lesion_load(mask: torch.Tensor | np.ndarray, voxel_mm3: float) -> list[float
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {"training": ("treatment", LABEL_KEY), "validation": (LABEL_KEY,)}
 """Keys every entry of a split must hold besides ``id`` and a visit-1 MRI (training learns from both; validation
 scores against the label). Forecasting (``testing``) needs neither."""
-
-
-def _one_line(text: object) -> str:
-    """``text`` on one line: reader and OS messages may span several, but a report holds one line per failure."""
-    return " ".join(str(text).splitlines())
-
-
-class InputError(ValueError):
-    """A bad input the user must fix (datalist, image, checkpoint); commands report it in one line, no traceback."""
-
-
-class CaseError(InputError):
-    """A bad input of one case; ``str()`` is one line naming the case id, the input key and the reason."""
-
-    def __init__(self, case_id: str, key: str, reason: str) -> None:
-        self.case_id, self.key, self.reason = str(case_id), _one_line(key), _one_line(reason)
-        super().__init__(f"case {self.case_id!r}: {self.key}: {self.reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
-        # keeps the error intact across processes (pickle would call __init__ with the message alone)
-        return (type(self), (self.case_id, self.key, self.reason))
-
-
-class DatalistError(InputError):
-    """A datalist file that cannot be used at all (missing, not JSON, no such split); names the file."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path, self.reason = str(path), _one_line(reason)
-        super().__init__(f"datalist {self.path}: {self.reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return (type(self), (self.path, self.reason))
-
-
-def find_error(error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]) -> Any:
-    """The first exception of type ``kind`` in the cause / context chain of ``error`` (itself included), or None."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def find_case_error(error: BaseException | None) -> CaseError | None:
-    """The :class:`CaseError` behind ``error``, if any (MONAI's ``Compose`` re-raises as ``RuntimeError``)."""
-    return find_error(error, CaseError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -796,24 +743,6 @@ class RandDropInputsd(Randomizable, MapTransform):
         return d
 
 
-def preprocessing_transforms(
-    spatial_size: Sequence[int] = (64, 64, 64),
-    spacing: Sequence[float] = (3.0, 3.0, 3.0),
-    train: bool = False,
-    drop_kwargs: Mapping[str, Any] | None = None,
-) -> list[MapTransform]:
-    """The pipeline as a list, in config order; the deterministic part first (cacheable), the random drop last."""
-    transforms: list[MapTransform] = [
-        LoadCased(),
-        ScaleForegroundPercentilesd(),
-        ToWorkingGridd(spatial_size=spatial_size, spacing=spacing),
-        StackConditiond(),
-    ]
-    if train:
-        transforms.append(RandDropInputsd(**dict(drop_kwargs or {})))
-    return transforms
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Back to the reference grid
 # ----------------------------------------------------------------------------------------------------------------
@@ -904,6 +833,6 @@ def save_nifti(
     path = Path(path)
     # keep the final suffix on the temporary name: nibabel picks gzip from ".gz"
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(image, tmp)
     return path

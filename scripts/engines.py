@@ -34,7 +34,7 @@ from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.constants import NULL_TREATMENT
-from scripts.files import atomic_path
+from scripts.files import atomic_path, remove_stale_temporaries
 from scripts.scheduler import ForecastScheduler, mask_to_signal
 
 logger = logging.getLogger(__name__)
@@ -159,16 +159,12 @@ def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
     return found[-1][1] if found else None
 
 
-TEMP_CHECKPOINT = re.compile(r"^\..+\.pt\.[A-Za-z0-9_]+\.tmp$")
-"""Name of a checkpoint being written by :class:`AtomicDiskSaver` (``.<name>.pt.<random>.tmp``)."""
-
-
 class AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` that writes ``.<name>.<random>.tmp``, syncs it and renames it to ``<name>``.
+    """ignite ``DiskSaver`` that writes a temporary file (:func:`scripts.files.atomic_path`), syncs it and renames it.
 
     A run killed while saving leaves at most that hidden temporary file (removed by the next resume, see
-    :func:`remove_temporary_checkpoints`), never a half written checkpoint under a checkpoint's name. ``filename``
-    fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g. ``model.pt``).
+    :func:`scripts.files.remove_stale_temporaries`), never a half written checkpoint under a checkpoint's name.
+    ``filename`` fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g. ``model.pt``).
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
@@ -230,17 +226,6 @@ class TrainerCheckpointSaver(AtomicCheckpointSaver):
         checkpoint.load_state_dict({key: earlier for key in checkpoint.state_dict()})
 
 
-def remove_temporary_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of checkpoints whose writing was killed (see :class:`AtomicDiskSaver`)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return []
-    removed = [p for p in folder.iterdir() if p.is_file() and TEMP_CHECKPOINT.match(p.name)]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
-
 class ValidationState:
     """The best validation score so far and the key-metric saver's record of it, as one checkpointable object.
 
@@ -288,7 +273,7 @@ class ResumeFromCheckpoint:
         # before training, no save is in progress: a temporary checkpoint file is a killed run's leftover (rank 0
         # alone saves, so it alone cleans)
         if idist.get_rank() == 0:
-            for path in remove_temporary_checkpoints(self.ckpt_dir):
+            for path in remove_stale_temporaries(self.ckpt_dir):
                 logger.info("removed %s, a checkpoint whose writing was interrupted", path)
         path = latest_checkpoint(self.ckpt_dir) if self.enabled else None
         if path is None:

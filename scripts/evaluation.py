@@ -41,11 +41,16 @@ import torch
 from scipy import ndimage, stats
 from tqdm.auto import tqdm
 
+from scripts.analysis import summarize_arm
 from scripts.constants import ARMS, arm_index
-from scripts.data import CaseError, load_datalist, to_reference_grid
-from scripts.files import write_text_atomic
+from scripts.data import load_datalist, to_reference_grid
+from scripts.errors import CaseError, ForecastFailed
+from scripts.files import file_sha256, write_text_atomic
+from scripts.inferer import ThresholdInferer
 from scripts.lesions import count_lesions, dice, label_lesions, load_mask, voxel_volume_mm3
 from scripts.regions import REGIONS, lesion_regions
+from scripts.reports import evaluation_figures
+from scripts.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -638,8 +643,6 @@ def load_baseline(network: torch.nn.Module | None, ckpt: str | os.PathLike | Non
     """A baseline network with the weights of ``ckpt`` (None without checkpoint); ``copy_network`` loads into a copy."""
     if ckpt is None or network is None:
         return None
-    from scripts.forecast import load_weights
-
     net = copy.deepcopy(network) if copy_network else network
     load_weights(net, ckpt, device)
     return net.to(device).eval()
@@ -698,8 +701,6 @@ def _clean(value: Any) -> Any:
 
 def file_digest(path: str | os.PathLike | None) -> str | None:
     """SHA-256 of a file (None for None; the path itself when it is not a file)."""
-    from scripts.export import file_sha256
-
     if path is None:
         return None
     return file_sha256(path) if Path(path).is_file() else str(path)
@@ -762,8 +763,6 @@ class Evaluator:
         self.device = torch.device(device)
         self.deterministic_network = deterministic_network
         if deterministic_network is not None and deterministic_inferer is None:
-            from scripts.inferer import ThresholdInferer
-
             deterministic_inferer = ThresholdInferer(return_probability=True)
         self.deterministic_inferer = deterministic_inferer
         self.unaware_network = unaware_network
@@ -890,8 +889,6 @@ class Evaluator:
                  allowed: np.ndarray | None = None) -> dict[str, dict[str, ArmPrediction]]:
         """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``);
         ``allowed`` (working grid), where given, restricts the baseline networks' forecasts as the samples were."""
-        from scripts.forecast import summarize_arm
-
         working_affine = np.asarray(data["working_affine"], dtype=np.float64)
         out: dict[str, dict[str, ArmPrediction]] = {"diffusion": {}}
         for a, arm in enumerate(arms):
@@ -1070,8 +1067,6 @@ class Evaluator:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         figures: dict[str, str] = {}
         if self.figures:
-            from scripts.reports import evaluation_figures
-
             figures = evaluation_figures(metrics, self.records, self.output_dir)
         metrics["figures"] = figures
         write_text_atomic(self.output_dir / "metrics.json",
@@ -1089,8 +1084,6 @@ class Evaluator:
 
         The evaluation is written even when some cases failed; the forecaster's error is raised afterwards.
         """
-        from scripts.forecast import ForecastFailed
-
         if self not in forecaster.case_hooks:
             forecaster.case_hooks.append(self)
         self.arms = list(forecaster.arms)

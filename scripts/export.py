@@ -1,7 +1,7 @@
 """TorchScript export of the trained diffusion network, with the bundle's metadata and inference config inside.
 
 ``python -m scripts.export --ckpt bundle/models/model.pt --out bundle/models/model.ts`` builds the network from
-``inference.json``'s ``network_def``, loads the weights with :func:`scripts.forecast.load_weights`, traces
+``inference.json``'s ``network_def``, loads the weights with :func:`scripts.weights.load_weights`, traces
 ``forward(x, timesteps, cond, treatment, horizon)`` (all tensors, the call the sampler makes) and saves it with
 :func:`monai.data.save_net_with_metadata`, in the layout of ``monai.bundle ckpt_export``: ``metadata.json`` (the
 bundle's metadata plus MONAI/PyTorch/NumPy versions) and ``inference.json`` (the config the network was built
@@ -20,7 +20,6 @@ network. Overrides use the ``monai.bundle`` syntax, e.g. ``--network_def#channel
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -33,13 +32,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import monai.networks.nets.diffusion_model_unet as monai_unet
 import torch
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata, save_net_with_metadata
 from torch import nn
 
+import scripts.network as network_module
 from scripts.constants import CONDITION_CHANNELS, NULL_TREATMENT
-from scripts.forecast import load_weights
+from scripts.files import file_sha256
+from scripts.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,6 @@ def _timestep_embedding_any_device(
 @contextlib.contextmanager
 def _device_independent_tracing() -> Iterator[None]:
     """Swap in :func:`_timestep_embedding_any_device` where the network looks up ``get_timestep_embedding``."""
-    import monai.networks.nets.diffusion_model_unet as monai_unet
-
-    import scripts.network as network_module
-
     modules = (monai_unet, network_module)
     saved = [m.get_timestep_embedding for m in modules]
     try:
@@ -160,15 +158,6 @@ def device_constants(traced: torch.jit.ScriptModule) -> list[str]:
                    if "Device = prim::Constant" in line and 'value="' in line})
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (the weights an export came from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_export_info(ts_path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``export.json`` of a TorchScript file, read from its zip archive without loading the module."""
     with zipfile.ZipFile(ts_path) as archive:
@@ -206,7 +195,7 @@ def export(
     """Trace the network of ``config_file`` with the weights of ``ckpt`` into ``out``; returns ``export.json``.
 
     Args:
-        ckpt: weights (a state dict or a checkpoint holding one, see :func:`scripts.forecast.load_weights`).
+        ckpt: weights (a state dict or a checkpoint holding one, see :func:`scripts.weights.load_weights`).
         out: the TorchScript file to write.
         config_file: config(s) holding ``network_def`` and ``spatial_size`` (embedded as ``inference.json``).
         meta_file: bundle metadata embedded as ``metadata.json`` (None: none).

@@ -1,10 +1,19 @@
-"""Atomic file output: every file this bundle writes (NIfTI, checkpoints, JSON, CSV, PNG) appears complete or not
-at all, so a run that is killed or fails leaves no partial file under a final name."""
+"""File output of the whole bundle: every file it writes (NIfTI, checkpoints, JSON, CSV, PNG) and every case folder
+appears complete or not at all, under one temporary-name scheme that a later run can clean up.
+
+Temporaries are named ``.<final name>.tmp-<pid>@<host>-<random><suffix>``: hidden, tied to the final name, and
+owned by a process, so that :func:`remove_stale_temporaries` deletes what a killed run left behind without touching
+the work of a run still in progress on the same folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,18 +23,57 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 """Mode of a finished file: what ``open`` would give (``mkstemp`` creates 0600)."""
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]+)-[^/]*$")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temporary file or folder standing in for ``name``, owned by this process.
+
+    Process id and host are in the name so that a later run can tell a killed run's leftovers from the work of a
+    run still in progress on the same folder.
+    """
+    return f".{name}.tmp-{os.getpid()}@{_HOST}-"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporaries (see :func:`temp_prefix`) left in ``folder`` by dead processes of this host; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != _HOST or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, prefix: str | None = None, suffix: str = ".tmp",
-                fsync: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; after the block it is moved onto ``path`` (``os.replace``).
 
     Args:
         path: the final file; its folder is created.
-        prefix: name prefix of the temporary file (default ``.<name>.``: hidden, and tied to the final name so
-            cleanup code can recognise it).
         suffix: name suffix of the temporary file (keep a format's extension where the writer picks the format from
-            the name, e.g. ``.tmp.nii.gz``).
+            the name, e.g. ``.nii.gz``).
         fsync: flush the data to the disk before the rename (for files whose loss on power failure would corrupt a
             run, e.g. checkpoints).
 
@@ -34,8 +82,7 @@ def atomic_path(path: str | os.PathLike[str], *, prefix: str | None = None, suff
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=prefix if prefix is not None else f".{path.name}.", suffix=suffix,
-                                dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -54,3 +101,36 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def staging_folder(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new temporary folder in ``parent`` that will become ``parent/name`` (see :func:`move_into_place`)."""
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished ``staging`` folder to ``final``, replacing an older one.
+
+    The old folder is first renamed aside, not deleted in place: a run killed while deleting it would otherwise
+    leave a partial folder under the final name.
+    """
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    aside = final.parent / f"{temp_prefix(final.name)}replaced"
+    os.replace(final, aside)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (which weights an export or an evaluation came from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -25,33 +25,24 @@ import csv
 import json
 import logging
 import os
-import re
 import shutil
-import socket
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scripts.analysis import effects_vs_placebo, summarize_arm
 from scripts.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
-from scripts.data import (
-    CaseError,
-    InputError,
-    find_case_error,
-    find_error,
-    load_datalist,
-    save_nifti,
-    to_reference_grid,
-)
-from scripts.files import atomic_path
-from scripts.lesions import count_lesions, describe_lesions, voxel_volume_mm3
+from scripts.data import load_datalist, save_nifti, to_reference_grid
+from scripts.errors import CaseError, ForecastFailed, InputError, find_case_error
+from scripts.files import atomic_path, move_into_place, remove_stale_temporaries, staging_folder
+from scripts.lesions import describe_lesions
+from scripts.regions import REGIONS, brain_restriction, region_map
+from scripts.reports import forecast_figure
 
 logger = logging.getLogger(__name__)
 
@@ -62,114 +53,6 @@ SUMMARY_FIELDS = (
 )
 
 
-class ForecastFailed(RuntimeError):
-    """Raised after all cases are done when at least one case failed; the message lists every failure."""
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be used with the configured network (missing, unreadable, other architecture)."""
-
-
-class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist (also a ``FileNotFoundError``)."""
-
-
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]+)-[^/]*$")
-
-
-def temp_prefix(name: str) -> str:
-    """Prefix for a temporary file or folder standing in for ``name`` in the output folder, owned by this process.
-
-    Process id and host are in the name so that a later run can tell a killed run's leftovers from the work of a
-    run still in progress on the same folder.
-    """
-    return f".{name}.tmp-{os.getpid()}@{_HOST}-"
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporaries (see :func:`temp_prefix`) left in ``folder`` by dead processes of this host; returns them."""
-    removed = []
-    for entry in Path(folder).iterdir():
-        match = _TEMP_NAME.match(entry.name)
-        if match is None or match["host"] != _HOST or _process_alive(int(match["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def install_error_hook() -> None:
-    """Report a bad input (:class:`InputError`, :class:`ForecastFailed`) as its message alone, without a traceback.
-
-    MONAI's config parser wraps every error of an expression in ``RuntimeError("Failed to evaluate ...")``, so the
-    uncaught error's last line would not say what is wrong. The exit status stays 1; other errors keep their traceback.
-    """
-    previous = sys.excepthook
-    if getattr(previous, "reports_input_errors", False):
-        return
-
-    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
-        found = find_error(error, (InputError, ForecastFailed))
-        if found is None:
-            previous(kind, error, traceback)
-        else:
-            print(f"ERROR: {found}", file=sys.stderr, flush=True)
-
-    hook.reports_input_errors = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
-
-
-def summarize_arm(samples: np.ndarray, working_affine: np.ndarray) -> dict[str, Any]:
-    """Figures of K binary samples (K, *S) of one arm on the working grid, and its voxel probability map."""
-    samples = np.asarray(samples) > 0
-    counts = [count_lesions(s) for s in samples]
-    voxel = voxel_volume_mm3(working_affine)
-    volumes = samples.reshape(samples.shape[0], -1).sum(1) * voxel
-    return {
-        "expected_count": float(np.mean(counts)),
-        "count_interval_90": [float(np.percentile(counts, 5)), float(np.percentile(counts, 95))],
-        "p_active": float(np.mean([c > 0 for c in counts])),
-        "expected_volume_mm3": float(np.mean(volumes)),
-        "count_samples": [int(c) for c in counts],
-        "prob_working": samples.mean(0).astype(np.float32),
-    }
-
-
-def effects_vs_placebo(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per arm: ratio and difference of expected counts and difference of P(active) against placebo.
-
-    The count ratio is None where the placebo forecast expects no lesion at all (undefined ratio).
-    """
-    if "placebo" not in arms:
-        return {}
-    base = arms["placebo"]
-    effects = {}
-    for arm, figures in arms.items():
-        ratio = figures["expected_count"] / base["expected_count"] if base["expected_count"] > 0 else None
-        effects[arm] = {
-            "count_ratio": ratio,
-            "count_difference": figures["expected_count"] - base["expected_count"],
-            "p_active_difference": figures["p_active"] - base["p_active"],
-        }
-    return effects
-
-
 def display_channel(cond: np.ndarray) -> tuple[str, np.ndarray]:
     """The MRI to draw forecasts on: the first available of FLAIR, T1, T2, PD, T1-Gd of visit 1, then visit 0."""
     order = [k for k in MRI_KEYS if k.endswith("_1")] + [k for k in MRI_KEYS if k.endswith("_0")]
@@ -177,42 +60,6 @@ def display_channel(cond: np.ndarray) -> tuple[str, np.ndarray]:
         if cond[CONDITION_CHANNELS.index(f"available_{key}")].max() > 0.5:
             return key, cond[CONDITION_CHANNELS.index(key)]
     return "none", np.zeros(cond.shape[1:], dtype=np.float32)
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load a state dict (or a checkpoint holding one under ``model``/``ema``/``network``) into ``network``.
-
-    Raises:
-        CheckpointNotFound: the checkpoint does not exist (a ``FileNotFoundError``).
-        CheckpointError: the checkpoint cannot be read or does not match the network (a ``ValueError``); the
-            message names the file and the missing, unexpected and mis-shaped parameters (with both shapes).
-    """
-    if not Path(path).is_file():
-        raise CheckpointNotFound(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(err).splitlines())}") from err
-    for key in ("model", "ema", "network"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
-    own = network.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mis_shaped:
-        def head(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)})"
-                  for k in mis_shaped]
-        details = [f"{label}: {head(keys)}" for label, keys in
-                   (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys]
-        # one line: the command prints it as the whole report
-        raise CheckpointError(f"checkpoint {path} does not match the network ({type(network).__name__}; was it "
-                              "trained with other network_def settings?): " + "; ".join(details))
-    network.load_state_dict(state)
 
 
 class ForecastRunner:
@@ -351,8 +198,6 @@ class ForecastRunner:
             arms=self.arms,
         )[0].cpu().numpy() > 0.5  # (A, K, *S)
 
-        from scripts.regions import REGIONS, brain_restriction, region_map
-
         regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
         allowed = None
@@ -368,7 +213,7 @@ class ForecastRunner:
                                                                                         samples.shape[1], 1))
         to_working = np.linalg.inv(working_affine)
 
-        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(case_id), dir=self.output_dir))
+        staging = staging_folder(self.output_dir, case_id)
         try:
             arms_out: dict[str, dict[str, Any]] = {}
             probs_working: dict[str, np.ndarray] = {}
@@ -405,8 +250,6 @@ class ForecastRunner:
             if effects:
                 forecast["effects_vs_placebo"] = effects
             if self.figure:
-                from scripts.reports import forecast_figure
-
                 mri_key, mri = display_channel(cond.numpy())
                 forecast_figure(mri, probs_working, arms_out, staging / "forecast.png",
                                 title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
@@ -417,7 +260,7 @@ class ForecastRunner:
                 hook(case=case, data=data, samples=samples, forecast=forecast, probs=probs_reference, regions=regions,
                      allowed=allowed)
             (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))
-            _move_into_place(staging, self.output_dir / case_id)
+            move_into_place(staging, self.output_dir / case_id)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -428,25 +271,6 @@ class ForecastRunner:
             time.perf_counter() - start,
         )
         return forecast
-
-
-def _move_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished ``staging`` folder to ``final``, replacing an older one.
-
-    The old folder is first renamed aside, not deleted in place: a run killed while deleting it would otherwise
-    leave a partial folder that still holds ``forecast.json`` and so would be taken for finished.
-    """
-    if not final.exists():
-        os.replace(staging, final)
-        return
-    aside = final.parent / f"{temp_prefix(final.name)}replaced"
-    os.replace(final, aside)
-    try:
-        os.replace(staging, final)
-    except BaseException:
-        os.replace(aside, final)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -470,7 +294,7 @@ def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def write_summary(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Write ``summary.csv`` atomically (empty fields for undefined effects)."""
-    with atomic_path(path, prefix=temp_prefix(path.name), suffix="") as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         for row in rows:

@@ -24,8 +24,9 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from scripts.data import load_datalist
 from scripts.files import write_text_atomic
-from scripts.lesions import count_lesions, dice
+from scripts.lesions import count_lesions, dice, load_mask
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -132,8 +133,6 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
     datalist) exist for every case. Counts are taken on the labels' own grid, or, with ``transform`` (a training
     config's ``validate#preprocessing``), on the label that validation sees (the working grid).
     """
-    from scripts.data import load_datalist
-    from scripts.lesions import load_mask
 
     cases = [c for c in load_datalist(datalist, split) if c.get("label")]
     if not cases:

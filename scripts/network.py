@@ -16,11 +16,10 @@ the patch features are learned, so the voxel detail of small lesions is kept rat
 Full-resolution output head (:class:`VoxelHead`): the U-Net's features, unembedded to voxels, are concatenated with
 the noisy NET2 signal itself and pass through two 3x3x3 convolutions modulated by the time, treatment and horizon
 embedding. Without it the noisy signal reaches the output only through the patch embedding, where its 8 voxels per
-patch share ``channels[0]`` features with the 240 conditioning values: a first CPU run (5000 iterations, no head)
-learned to ignore the noisy input altogether, so even nearly clean lesions were not denoised and every sample came
-out empty. A NET2 lesion is a few voxels at the working resolution; telling one from noise is a local, voxel-scale
-decision (a matched filter over the noisy signal, biased by the U-Net's prior from the past visits and treatment),
-which is what the head computes.
+patch share ``channels[0]`` features with 320 conditioning values (8 voxels x 40 channels), and the network learns
+to ignore it (see ``bundle/docs/training.md``). A NET2 lesion is a few voxels at the working resolution; telling one
+from noise is a local, voxel-scale decision (a matched filter over the noisy signal, biased by the U-Net's prior from
+the past visits and treatment), which is what the head computes.
 """
 
 from __future__ import annotations

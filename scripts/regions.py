@@ -58,6 +58,7 @@ import torch
 from scipy import ndimage
 
 from scripts.constants import CONDITION_CHANNELS, MRI_MODALITIES
+from scripts.lesions import CONNECTIVITY_26
 
 __all__ = [
     "JUXTACORTICAL_MM",
@@ -83,7 +84,6 @@ JUXTACORTICAL_MM: float = 7.5
 
 _PV, _JC, _IT, _DWM = (REGIONS.index(r) + 1 for r in REGIONS)
 _PRECEDENCE: tuple[int, ...] = (_IT, _PV, _JC, _DWM)
-_STRUCT26 = np.ones((3, 3, 3), bool)
 _LESION_KEYS: tuple[str, ...] = ("t2les_1", "t2les_0", "net2_1")
 
 # Per modality (score 0, score 1) of a linear CSF ramp on normalised intensities (decreasing when the first is
@@ -422,7 +422,7 @@ def lesion_regions(mask: np.ndarray, regions: np.ndarray) -> list[str]:
     regions = np.asarray(regions)
     if mask.shape != regions.shape or mask.ndim != 3:
         raise ValueError(f"expected 3D mask and region map of one shape, got {mask.shape} and {regions.shape}")
-    labels, count = ndimage.label(mask > 0, structure=_STRUCT26)
+    labels, count = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
     if count == 0:
         return []
     codes = regions.astype(np.int64)

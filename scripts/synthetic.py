@@ -44,6 +44,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from scripts.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES, VISITS
+from scripts.files import atomic_path, write_text_atomic
+from scripts.lesions import CONNECTIVITY_26
 
 logger = logging.getLogger("scripts.synthetic")
 
@@ -425,7 +427,6 @@ class Lesion:
     parent: int | None = None  # for enlargements: index of the prior lesion (component) that grew
 
 
-_STRUCT26 = np.ones((3, 3, 3), bool)
 _NEIGHBOURS6 = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 
 
@@ -526,7 +527,7 @@ class LesionPlacer:
         mask &= self.anatomy.parenchyma[box]
         local_seed = tuple(seed - lo)
         mask[local_seed] = True
-        labels, _ = ndimage.label(mask, structure=_STRUCT26)
+        labels, _ = ndimage.label(mask, structure=CONNECTIVITY_26)
         mask = labels == labels[local_seed]
         idx = np.nonzero(mask)
         return np.ravel_multi_index(tuple(idx[i] + lo[i] for i in range(3)), self.grid.shape)
@@ -614,9 +615,10 @@ class LesionPlacer:
         """
         cfg = self.config
         prior = prior_mask.ravel()
-        prior_components, n_prior = ndimage.label(prior_mask, structure=_STRUCT26)
+        prior_components, n_prior = ndimage.label(prior_mask, structure=CONNECTIVITY_26)
         prior_components = prior_components.ravel()
-        blocked_new = ndimage.binary_dilation(prior_mask, _STRUCT26).ravel()  # new lesions must not touch old ones
+        # new lesions must not touch old ones
+        blocked_new = ndimage.binary_dilation(prior_mask, CONNECTIVITY_26).ravel()
         blocked_rim = np.zeros(prior.size, bool)  # enlargements must not touch other events
         near = None
         if n_prior:
@@ -718,7 +720,7 @@ class LesionPlacer:
         lo = ijk.min(0)
         local = np.zeros(tuple(ijk.max(0) - lo + 1), bool)
         local[tuple((ijk - lo).T)] = True
-        labels, _ = ndimage.label(local, structure=_STRUCT26)
+        labels, _ = ndimage.label(local, structure=CONNECTIVITY_26)
         seed_local = tuple(np.array(np.unravel_index(seed, self.grid.shape)) - lo)
         keep = labels[tuple((ijk - lo).T)] == labels[seed_local]
         return voxels[keep]
@@ -1010,8 +1012,8 @@ def generate_case(
         d["u"] = round(float(future_u[i]), 6)
         d["arms"] = [arm for arm in ARMS if i in kept[arm]]
         future_desc.append(d)
-    _, n_t2_0 = ndimage.label(images["t2les_0"], structure=_STRUCT26)
-    _, n_t2_1 = ndimage.label(images["t2les_1"], structure=_STRUCT26)
+    _, n_t2_0 = ndimage.label(images["t2les_0"], structure=CONNECTIVITY_26)
+    _, n_t2_1 = ndimage.label(images["t2les_1"], structure=CONNECTIVITY_26)
     truth: dict[str, Any] = {
         "id": case_id,
         "treatment": treatment,
@@ -1063,15 +1065,12 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    tmp = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def write_case(case: SyntheticCase, out: str | os.PathLike) -> dict[str, Any]:
@@ -1233,7 +1232,7 @@ def summarize_cohort(root: str | os.PathLike) -> dict[str, Any]:
     baseline_volumes: list[float] = []
     for e in entries:
         img = nib.load(str(root / e["t2les_0"]))
-        labels, k = ndimage.label(np.asanyarray(img.dataobj) > 0, structure=_STRUCT26)
+        labels, k = ndimage.label(np.asanyarray(img.dataobj) > 0, structure=CONNECTIVITY_26)
         vv = float(np.prod(img.header.get_zooms()[:3]))
         baseline_volumes += (np.bincount(labels.ravel())[1:] * vv).tolist() if k else []
     past_counts = np.array([t["past"]["net2_count"] for t in truths])

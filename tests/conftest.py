@@ -24,6 +24,28 @@ def perturbed_small_net() -> torch.nn.Module:
             p.add_(0.05 * torch.randn_like(p))
     return network
 
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+
+def config_preprocessing(spatial_size=(64, 64, 64), spacing=(3.0, 3.0, 3.0), train: bool = False) -> list:
+    """The shipped configs' preprocessing as a list of transforms, at the given working grid.
+
+    ``train=False``: ``inference.json``'s ``preprocessing``; ``train=True``: ``train.json``'s
+    ``deterministic_transforms`` and its random input drop (the random crop left out, so shapes stay whole).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / ("train.json" if train else "inference.json")))
+    parser["spatial_size"], parser["spacing"] = list(spatial_size), [float(s) for s in spacing]
+    if not train:
+        return list(parser.get_parsed_content("preprocessing").transforms)
+    drop = [t for t in parser["train"]["random_transforms"] if t["_target_"].endswith("RandDropInputsd")]
+    parser["train"]["random_transforms"] = drop
+    return list(parser.get_parsed_content("deterministic_transforms")) + list(
+        parser.get_parsed_content("train#random_transforms"))
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 """Real test data, kept outside the repository (``../shared/data`` relative to the repository root)."""
 

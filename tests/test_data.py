@@ -18,6 +18,7 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from scripts import data as D
+from scripts import errors
 from scripts.constants import (
     ARMS,
     CONDITION_CHANNELS,
@@ -29,6 +30,7 @@ from scripts.constants import (
     NULL_TREATMENT,
     arm_index,
 )
+from tests.conftest import config_preprocessing
 
 SIZE = (24, 24, 24)
 SPACING = (3.0, 3.0, 3.0)
@@ -119,7 +121,7 @@ def phantom_case(files: dict[str, str], **extra: Any) -> dict[str, Any]:
 
 
 def run(case: dict[str, Any], train: bool = False) -> dict[str, Any]:
-    return Compose(D.preprocessing_transforms(SIZE, SPACING, train=train))(case)
+    return Compose(config_preprocessing(SIZE, SPACING, train=train))(case)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -219,7 +221,7 @@ def test_dataloader_collates_cases_with_different_inputs(files):
         "label": files["cube_oblique"],
         "treatment": "placebo",
     }
-    dataset = CacheDataset([phantom_case(files), other], Compose(D.preprocessing_transforms(SIZE, SPACING, True)))
+    dataset = CacheDataset([phantom_case(files), other], Compose(config_preprocessing(SIZE, SPACING, True)))
     batch = next(iter(DataLoader(dataset, batch_size=2, num_workers=0)))
     assert batch["cond"].shape == (2, len(CONDITION_CHANNELS), *SIZE)
     assert batch["label"].shape == (2, 1, *SIZE)
@@ -265,7 +267,7 @@ def test_datalist_resolves_relative_paths_and_defaults(files):
 def test_datalist_errors_name_case_and_key(files, entry, key, words):
     folder = Path(files["mri_ref"]).parent
     case = {"id": "case7", "flair_1": "mri_ref.nii.gz", **entry}
-    with pytest.raises(D.CaseError) as info:
+    with pytest.raises(errors.CaseError) as info:
         D.load_datalist(write_datalist(folder, [case]), "testing")
     message = str(info.value)
     assert "\n" not in message and info.value.key == key and key in message
@@ -277,12 +279,12 @@ def test_datalist_duplicate_id_and_error_collection(files):
     good = {"id": "dup", "flair_1": "mri_ref.nii.gz"}
     bad = {"id": "bad", "t1_0": "mri_iso.nii.gz"}
     path = write_datalist(folder, [good, dict(good), bad, {"id": "ok", "t1_1": "mri_iso.nii.gz"}])
-    with pytest.raises(D.CaseError, match=r"'dup'.*id.*duplicate"):
+    with pytest.raises(errors.CaseError, match=r"'dup'.*id.*duplicate"):
         D.load_datalist(path, "testing")
-    errors: list[D.CaseError] = []
-    cases = D.load_datalist(path, "testing", errors=errors)
+    failures: list[errors.CaseError] = []
+    cases = D.load_datalist(path, "testing", errors=failures)
     assert [c["id"] for c in cases] == ["dup", "ok"]
-    assert [(e.case_id, e.key) for e in errors] == [("dup", "id"), ("bad", "flair_1")]
+    assert [(e.case_id, e.key) for e in failures] == [("dup", "id"), ("bad", "flair_1")]
     with pytest.raises(ValueError, match="training"):
         D.load_datalist(path, "training")
 
@@ -292,10 +294,10 @@ def test_unreadable_image_names_case_and_key(tmp_path, files):
     broken.write_bytes(b"not a nifti")
     with pytest.raises(RuntimeError) as info:  # Compose wraps transform errors
         run(phantom_case(files, t1_1=str(broken)))
-    error = D.find_case_error(info.value)
+    error = errors.find_case_error(info.value)
     assert error is not None and (error.case_id, error.key) == ("phantom", "t1_1") and "cannot read" in str(error)
     assert str(pickle.loads(pickle.dumps(error))) == str(error)  # survives DataLoader workers / process pools
-    with pytest.raises(D.CaseError, match=r"'phantom'.*flair_1.*visit 1"):
+    with pytest.raises(errors.CaseError, match=r"'phantom'.*flair_1.*visit 1"):
         D.LoadCased()({"id": "phantom", "t1_0": files["mri_iso"]})
 
 
@@ -438,7 +440,7 @@ def test_real_patient_round_trip(shared_data, patient01_study1, tmp_path):
         "t2les_1": str(p / "gt.nii.gz"),  # a real lesion mask through the mask path
         "label": str(p / "brainmask.nii.gz"),
     }
-    out = Compose(D.preprocessing_transforms())(case)
+    out = Compose(config_preprocessing())(case)
     cond = out["cond"].numpy()
     flair = nib.load(case["flair_1"])
     for key in ("flair_1", "t1_1", "t2_1"):
@@ -481,7 +483,7 @@ def test_real_raw_oblique_grids(shared_data, tmp_path):
         "pd_0": str(p / "study1_T2W.nii.gz"),  # negative control: same T2 in common space, transform not applied
         "label": moved["brainmask"],
     }
-    out = Compose(D.preprocessing_transforms())(case)
+    out = Compose(config_preprocessing())(case)
     flair = nib.load(case["flair_1"])
     assert out["reference_shape"].tolist() == list(flair.shape)
 

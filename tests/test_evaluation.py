@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
+from scripts.analysis import summarize_arm
 from scripts.constants import CONDITION_CHANNELS
 from scripts.evaluation import (
     Evaluator,
@@ -31,7 +32,6 @@ from scripts.evaluation import (
     population_rates,
     ranking_agreement,
 )
-from scripts.forecast import summarize_arm
 from scripts.lesions import match_lesions
 from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
 from tests.conftest import REPO_ROOT

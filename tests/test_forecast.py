@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from scripts.analysis import effects_vs_placebo, summarize_arm
 from scripts.constants import ARMS
-from scripts.forecast import effects_vs_placebo, summarize_arm
 from scripts.lesions import count_lesions
 from scripts.network import ForecastDiffusionUNet
 from tests.conftest import REPO_ROOT

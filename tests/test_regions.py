@@ -23,9 +23,10 @@ from scipy import ndimage
 
 from scripts import regions as RG
 from scripts.constants import CONDITION_CHANNELS, MRI_MODALITIES
-from scripts.data import load_datalist, preprocessing_transforms
+from scripts.data import load_datalist
 from scripts.lesions import label_lesions
 from scripts.synthetic import generate_cohort
+from tests.conftest import config_preprocessing
 
 SPACING = 3.0
 # generator region names -> REGIONS; McDonald has no deep grey class, so those lesions count as deep white matter
@@ -46,7 +47,7 @@ PNG_DIR = Path(tempfile.gettempdir())
 
 def run_pipeline(entry: dict[str, Any]) -> dict[str, Any]:
     data = dict(entry)
-    for transform in preprocessing_transforms():
+    for transform in config_preprocessing():
         data = transform(data)
     return data
 

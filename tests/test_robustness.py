@@ -26,6 +26,7 @@ import torch
 
 from scripts import data as D
 from scripts import engines as E
+from scripts import errors, files
 from scripts import forecast as F
 from scripts.constants import ARMS, CONDITION_CHANNELS
 from scripts.network import ForecastDiffusionUNet
@@ -188,7 +189,7 @@ def test_rerun_skips_finished_cases_and_clears_leftovers(bad_run: dict[str, Any]
     before = done.stat().st_mtime_ns
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     # a staging folder of that (now dead) process, named as the runner names its own
-    stale = out / (F.temp_prefix(GOOD).replace(f"-{os.getpid()}@", f"-{int(dead.stdout)}@") + "staging")
+    stale = out / (files.temp_prefix(GOOD).replace(f"-{os.getpid()}@", f"-{int(dead.stdout)}@") + "staging")
     stale.mkdir()
     (stale / "placebo_prob.nii.gz").write_bytes(b"half written")
     result = _forecast(bad_run["datalist"], out, small_weights)
@@ -238,7 +239,7 @@ def test_checkpoint_of_another_network(tiny_cohort: Path, tmp_path: Path) -> Non
 
 
 def test_unknown_requested_arm_lists_the_valid_ones(tiny_cohort: Path, tmp_path: Path) -> None:
-    with pytest.raises(D.InputError, match="treatments: unknown treatment 'aspirin'; valid arms are: placebo, "):
+    with pytest.raises(errors.InputError, match="treatments: unknown treatment 'aspirin'; valid arms are: placebo, "):
         F.ForecastRunner(tiny_cohort, tmp_path, _stub_preprocessing, torch.nn.Identity(), _StubInferer(),
                          arms=["placebo", "aspirin"])
 
@@ -332,11 +333,11 @@ def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tm
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path: Path) -> None:
-    mine = tmp_path / f"{F.temp_prefix('a')}staging"
+    mine = tmp_path / f"{files.temp_prefix('a')}staging"
     mine.mkdir()
     other_host = tmp_path / f".a.tmp-1@{'x' * 41}-staging"
     other_host.mkdir()
-    assert F.remove_stale_temporaries(tmp_path) == [] and mine.is_dir() and other_host.is_dir()
+    assert files.remove_stale_temporaries(tmp_path) == [] and mine.is_dir() and other_host.is_dir()
 
 
 def test_checkpoint_savers_are_atomic(tmp_path: Path) -> None:
@@ -426,7 +427,8 @@ def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) ->
     epoch = _epoch_of(Path(last))
     assert epoch in (1, 2)
     # what a kill in the middle of a save leaves: the hidden temporary file, never a truncated checkpoint
-    (models / ".checkpoint_epoch=3.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    killed = files.temp_prefix("checkpoint_epoch=3.pt").replace(f"-{os.getpid()}@", f"-{process.pid}@")
+    (models / f"{killed}k1ll3d").write_bytes(b"half a checkpoint")
 
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     output = result.stdout + result.stderr
