@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import scripts.scheduler  # noqa: F401  (registers the shifted cosine schedule)
@@ -407,11 +408,9 @@ def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: 
 def activity_auc(scores: Sequence[float], active: Sequence[bool]) -> float | None:
     """Area under the ROC curve of ``scores`` for ``active`` (ties count half); None with a single class."""
     s, y = np.asarray(scores, float), np.asarray(active, bool)
-    pos, neg = s[y], s[~y]
-    if pos.size == 0 or neg.size == 0:
+    if y.all() or not y.any():
         return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
+    return float(roc_auc_score(y, s))
 
 
 def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: torch.Tensor, treatment: torch.Tensor,
@@ -446,7 +445,6 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     Every sampler starts from the same noise per case (seed ``parity_seed + case index``). When the fast sampler
     runs in reduced precision, the same sampler in float32 is added (``fast_float32``) to isolate its effect.
     """
-
     size = [int(s) for s in parser.get_parsed_content("spatial_size")]
     spacing = [float(s) for s in parser.get_parsed_content("spacing")]
     fast = parser.get_parsed_content("inferer").sampler
