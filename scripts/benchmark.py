@@ -51,10 +51,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import scripts.scheduler  # noqa: F401  (registers the shifted cosine schedule)
 from scripts.analysis import summarize_arm
 from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT, arm_index
 from scripts.data import load_datalist
@@ -116,7 +116,6 @@ def stock_prediction_type(prediction_type: str) -> str:
 
 class ForwardTimer(nn.Module):
     """Wrap a network and add up the wall time spent inside its forward calls (synchronising CUDA around them)."""
-
     def __init__(self, network: Callable[..., torch.Tensor]) -> None:
         super().__init__()
         self.network = network
@@ -137,7 +136,6 @@ class ForwardTimer(nn.Module):
 
 class TimedInferer:
     """Wrap an inferer and add up the wall time of its calls (the reverse process of a forecast)."""
-
     def __init__(self, inferer: Any) -> None:
         self.inferer = inferer
         self.seconds = 0.0
@@ -183,9 +181,6 @@ def describe_device(device: torch.device) -> str:
 
 def load_config(args: argparse.Namespace) -> Any:
     """The inference config with the benchmark's overrides (quick sizes, device, sampler switches)."""
-    from monai.bundle import ConfigParser
-
-
     parser = ConfigParser()
     parser.read_config(str(args.config))
     overrides: dict[str, Any] = dict(QUICK_OVERRIDES) if args.quick else {}
@@ -229,7 +224,6 @@ def build_network(parser: Any, args: argparse.Namespace) -> tuple[nn.Module, str
 
 def benchmark_case(parser: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The benchmarked case: the first ``testing`` entry of ``--datalist`` (default: the config's datalist)."""
-
     datalist = args.datalist or parser.get_parsed_content("datalist")
     cases = load_datalist(datalist, "testing")
     if not cases:
@@ -243,7 +237,6 @@ def benchmark_case(parser: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
     """Forecast the benchmark case (all arms, K samples) in this process and time it; used by the child process."""
-
     parser = load_config(args)
     network, weights = build_network(parser, args)
     inferer = parser.get_parsed_content("inferer")
@@ -417,7 +410,6 @@ def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: to
                     horizon: torch.Tensor, timesteps: Sequence[int] = (999, 750, 500, 250, 50)) -> dict[str, float]:
     """Largest error of the network's output (relative RMS) and of its x0 prediction (max abs) under ``precision``
     autocast against float32, over a background-only x_t (x0 = -1) at several timesteps."""
-
     rel_rms, x0_err = 0.0, 0.0
     g = torch.Generator().manual_seed(0)
     n = cond.shape[0]
@@ -528,9 +520,6 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
 
 def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Cases per second of training iterations at ``train.json``'s settings on random tensors (no data loading)."""
-    from monai.bundle import ConfigParser
-
-
     parser = ConfigParser()
     parser.read_config(str(args.train_config))
     if args.quick:
@@ -593,7 +582,6 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[str, Any]:
     """All measurements; returns the JSON object (the contract's keys first)."""
-
     parser = load_config(args)
     network, weights = build_network(parser, args)  # fails early and clearly on mismatched weights
     device = torch.device(args.device)

@@ -58,7 +58,7 @@ import torch
 from scipy import ndimage
 
 from scripts.constants import CONDITION_CHANNELS, MRI_MODALITIES
-from scripts.lesions import CONNECTIVITY_26
+from scripts.lesions import label_lesions
 
 __all__ = [
     "JUXTACORTICAL_MM",
@@ -422,7 +422,7 @@ def lesion_regions(mask: np.ndarray, regions: np.ndarray) -> list[str]:
     regions = np.asarray(regions)
     if mask.shape != regions.shape or mask.ndim != 3:
         raise ValueError(f"expected 3D mask and region map of one shape, got {mask.shape} and {regions.shape}")
-    labels, count = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
+    labels, count = label_lesions(mask)
     if count == 0:
         return []
     codes = regions.astype(np.int64)

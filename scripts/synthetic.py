@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from scripts.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES, VISITS
 from scripts.files import atomic_path, write_text_atomic
-from scripts.lesions import CONNECTIVITY_26
+from scripts.lesions import CONNECTIVITY_26, count_lesions, label_lesions
 
 logger = logging.getLogger("scripts.synthetic")
 
@@ -527,7 +527,7 @@ class LesionPlacer:
         mask &= self.anatomy.parenchyma[box]
         local_seed = tuple(seed - lo)
         mask[local_seed] = True
-        labels, _ = ndimage.label(mask, structure=CONNECTIVITY_26)
+        labels, _ = label_lesions(mask)
         mask = labels == labels[local_seed]
         idx = np.nonzero(mask)
         return np.ravel_multi_index(tuple(idx[i] + lo[i] for i in range(3)), self.grid.shape)
@@ -615,7 +615,7 @@ class LesionPlacer:
         """
         cfg = self.config
         prior = prior_mask.ravel()
-        prior_components, n_prior = ndimage.label(prior_mask, structure=CONNECTIVITY_26)
+        prior_components, n_prior = label_lesions(prior_mask)
         prior_components = prior_components.ravel()
         # new lesions must not touch old ones
         blocked_new = ndimage.binary_dilation(prior_mask, CONNECTIVITY_26).ravel()
@@ -720,7 +720,7 @@ class LesionPlacer:
         lo = ijk.min(0)
         local = np.zeros(tuple(ijk.max(0) - lo + 1), bool)
         local[tuple((ijk - lo).T)] = True
-        labels, _ = ndimage.label(local, structure=CONNECTIVITY_26)
+        labels, _ = label_lesions(local)
         seed_local = tuple(np.array(np.unravel_index(seed, self.grid.shape)) - lo)
         keep = labels[tuple((ijk - lo).T)] == labels[seed_local]
         return voxels[keep]
@@ -1012,8 +1012,7 @@ def generate_case(
         d["u"] = round(float(future_u[i]), 6)
         d["arms"] = [arm for arm in ARMS if i in kept[arm]]
         future_desc.append(d)
-    _, n_t2_0 = ndimage.label(images["t2les_0"], structure=CONNECTIVITY_26)
-    _, n_t2_1 = ndimage.label(images["t2les_1"], structure=CONNECTIVITY_26)
+    n_t2_0, n_t2_1 = count_lesions(images["t2les_0"]), count_lesions(images["t2les_1"])
     truth: dict[str, Any] = {
         "id": case_id,
         "treatment": treatment,
@@ -1232,7 +1231,7 @@ def summarize_cohort(root: str | os.PathLike) -> dict[str, Any]:
     baseline_volumes: list[float] = []
     for e in entries:
         img = nib.load(str(root / e["t2les_0"]))
-        labels, k = ndimage.label(np.asanyarray(img.dataobj) > 0, structure=CONNECTIVITY_26)
+        labels, k = label_lesions(np.asanyarray(img.dataobj))
         vv = float(np.prod(img.header.get_zooms()[:3]))
         baseline_volumes += (np.bincount(labels.ravel())[1:] * vv).tolist() if k else []
     past_counts = np.array([t["past"]["net2_count"] for t in truths])
