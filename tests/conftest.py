@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ SMALL_NET = {"channels": (8, 16, 16), "attention_levels": (False, False, True), 
 def perturbed_small_net() -> torch.nn.Module:
     """``ForecastDiffusionUNet(**SMALL_NET)`` in eval mode with perturbed weights (seed 0): the U-Net's output
     convolution starts at zero, so without the perturbation no input would visibly reach the output."""
-    from scripts.network import ForecastDiffusionUNet
+    from scripts.runtime.network import ForecastDiffusionUNet
 
     torch.manual_seed(0)
     network = ForecastDiffusionUNet(**SMALL_NET).eval()
@@ -24,7 +26,19 @@ def perturbed_small_net() -> torch.nn.Module:
             p.add_(0.05 * torch.randn_like(p))
     return network
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""Repository root: bundle commands run from here."""
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_from_the_repository_root() -> Iterator[None]:
+    """The contract's commands run from the repository root, where the configs' macros
+    (``%bundle/configs/inference.json#...``) resolve; the tests do too, wherever pytest starts."""
+    start = Path.cwd()
+    os.chdir(REPO_ROOT)
+    yield
+    os.chdir(start)
 
 
 def config_preprocessing(spatial_size=(64, 64, 64), spacing=(3.0, 3.0, 3.0), train: bool = False) -> list:
@@ -58,14 +72,10 @@ def shared_data() -> Path:
     return SHARED_DATA.resolve()
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-"""Repository root: bundle commands run from here."""
-
-
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic cohort (8 cases, 32^3 at 6 mm) for workflow tests; returns its datalist path."""
-    from scripts.synthetic import generate_cohort
+    from scripts.bench.synthetic.cohort import generate_cohort
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     return Path(generate_cohort(out, n=8, seed=11, shape=32, spacing=6.0, split=(0.5, 0.25, 0.25), progress=False))

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.benchmark import ConcatModeNetwork, activity_auc
-from scripts.constants import CONDITION_CHANNELS
-from scripts.network import ForecastDiffusionUNet
-from scripts.sampler import ForecastSampler
-from scripts.scheduler import ForecastScheduler
+from scripts.bench.parity import activity_auc
+from scripts.bench.speed import ConcatModeNetwork
+from scripts.runtime.constants import CONDITION_CHANNELS
+from scripts.runtime.network import ForecastDiffusionUNet
+from scripts.runtime.sampler import ForecastSampler
+from scripts.runtime.scheduler import ForecastScheduler
 from tests.conftest import REPO_ROOT, perturbed_small_net
 
 CONTRACT_KEYS = (
@@ -86,19 +87,16 @@ def test_activity_auc() -> None:
     assert activity_auc([0.5, 0.7], [True, True]) is None
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "mask_logits"])
-def test_concat_mode_adapter_matches_the_network(net: ForecastDiffusionUNet, prediction_type: str) -> None:
+def test_concat_mode_adapter_matches_the_network(net: ForecastDiffusionUNet) -> None:
     x, t, cond, treatment, horizon = _inputs(1)
-    scheduler = ForecastScheduler(prediction_type=prediction_type)
+    scheduler = ForecastScheduler()
     wrapper = ConcatModeNetwork(net, treatment, horizon, scheduler)
     with torch.no_grad():
         out = wrapper(torch.cat([x, cond], 1), t.float())
         direct = net(scheduler.scale_model_input(x, t), t, cond, treatment, horizon)
-    if prediction_type == "sample":
-        assert torch.allclose(out, direct)
-    else:  # logits reach MONAI's DDPM scheduler as the x0 prediction
-        assert torch.allclose(out, scheduler.predict_x0_eps(direct, x, scheduler.alphas_cumprod[500])[0])
-        assert out.abs().max() <= 1.0
+    # logits reach MONAI's DDPM scheduler as the x0 prediction
+    assert torch.allclose(out, scheduler.predict_x0_eps(direct, x, scheduler.alphas_cumprod[500])[0])
+    assert out.abs().max() <= 1.0
 
 
 def test_channels_last_and_bf16_switches(net: ForecastDiffusionUNet) -> None:
@@ -135,7 +133,7 @@ def test_guidance_chunks_spanning_both_halves(net: ForecastDiffusionUNet) -> Non
 
 
 def test_reuse_freed_memory_is_transparent(net: ForecastDiffusionUNet) -> None:
-    from scripts.sampler import reuse_freed_memory
+    from scripts.runtime.sampler import reuse_freed_memory
 
     with reuse_freed_memory(True):
         block = torch.ones(64, 1024, 1024)  # 256 MiB: above glibc's mmap threshold

@@ -9,8 +9,8 @@ import sys
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
-from scripts.engines import WeightedBCEWithLogitsLoss
+from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
+from scripts.training.engines import WeightedBCEWithLogitsLoss
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -43,22 +43,35 @@ def test_metadata_describes_channels_arms_and_version() -> None:
     assert meta["forecast_horizon"]["unit"] == "weeks"
 
 
-def test_training_configs_share_the_network_and_grid() -> None:
-    train = ConfigParser.load_config_file(CONFIGS / "train.json")
-    baseline = ConfigParser.load_config_file(CONFIGS / "train_deterministic.json")
-    inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
-    # the shipped weights are trained with train.json and loaded with inference.json
-    for key in ("network_def", "spatial_size", "spacing", "snap_grid"):
-        assert inference[key] == train[key], key
-    # the same schedule, and validation samples as inference does (the same de-bias weight)
-    assert inference["noise_scheduler"] == train["noise_scheduler"]
-    assert inference["debias_weight"] == train["debias_weight"] > 0
-    diffusion_net = dict(train["network_def"], _target_=None)
-    baseline_net = dict(baseline["network_def"], _target_=None)
-    assert diffusion_net == baseline_net
-    assert train["network_def"]["cond_channels"] == len(CONDITION_CHANNELS)
+def _resolved(*files: str) -> ConfigParser:
+    """The configs ``files`` (layered in order) with their macros resolved (``train.json`` refers to
+    ``inference.json`` by a repository-relative macro, so this runs from the repository root)."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    parser.resolve_macro_and_relative_ids()
+    return parser
+
+
+def test_training_configs_share_the_network_and_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    raw = ConfigParser.load_config_file(CONFIGS / "train.json")
+    shared = ("network_channels", "network_args", "network_def", "noise_scheduler", "spatial_size", "spacing",
+              "snap_grid", "debias_weight")
+    # defined once, in inference.json: the shipped weights are trained with train.json and loaded with inference.json
+    for key in shared:
+        assert raw[key] == f"%bundle/configs/inference.json#{key}", key
+    assert raw["deterministic_transforms"] == "%bundle/configs/inference.json#preprocessing#transforms"
+    inference, train = _resolved("inference.json"), _resolved("train.json")
+    for key in shared:
+        assert train[key] == inference[key], key
+    assert train["deterministic_transforms"] == inference["preprocessing#transforms"]
+    assert inference["debias_weight"] > 0
+    assert inference["network_args#cond_channels"] == len(CONDITION_CHANNELS)
+    baseline = _resolved("train.json", "train_deterministic.json")
+    assert baseline["network_def"] == "$scripts.runtime.network.DeterministicForecastNet(**@network_args)"
+    assert baseline["network_args"] == inference["network_args"]
     meta = _metadata()
-    assert meta["network_data_format"]["inputs"]["cond"]["spatial_shape"] == train["spatial_size"]
+    assert meta["network_data_format"]["inputs"]["cond"]["spatial_shape"] == inference["spatial_size"]
 
 
 def test_train_config_parses_and_builds_the_workflow(tiny_cohort) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the data pipeline (scripts/data.py): synthetic NIfTI phantoms on several grids, and the real LIT data."""
+"""Data pipeline (scripts.runtime datalist, transforms, grids, io): NIfTI phantoms on several grids, real LIT data."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from monai.utils import set_determinism
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from scripts import data as D
-from scripts import errors
-from scripts.constants import (
+from scripts.runtime import errors
+from scripts.runtime.constants import (
     ARMS,
     CONDITION_CHANNELS,
     IMAGE_KEYS,
@@ -29,6 +28,17 @@ from scripts.constants import (
     MRI_KEYS,
     NULL_TREATMENT,
     arm_index,
+)
+from scripts.runtime.datalist import load_datalist
+from scripts.runtime.grids import snap_to_voxel_centre, to_reference_grid
+from scripts.runtime.io import save_nifti
+from scripts.runtime.transforms import (
+    CropWeightsFromInputsd,
+    LoadCased,
+    RandDropInputsd,
+    ToReferenceGridd,
+    ToWorkingGridd,
+    scale_foreground_percentiles,
 )
 from tests.conftest import config_preprocessing
 
@@ -208,7 +218,7 @@ def test_normalisation_invariant_to_gain_and_offset(files):
     np.testing.assert_allclose(a["cond"].numpy(), b["cond"].numpy(), atol=1e-4, rtol=0)
     raw = np.random.default_rng(0).gamma(2.0, 100.0, size=(20, 21, 22)).astype(np.float32)
     np.testing.assert_allclose(
-        D.scale_foreground_percentiles(raw), D.scale_foreground_percentiles(raw * 37 + 500), atol=1e-4, rtol=0
+        scale_foreground_percentiles(raw), scale_foreground_percentiles(raw * 37 + 500), atol=1e-4, rtol=0
     )
 
 
@@ -247,7 +257,7 @@ def write_datalist(folder: Path, cases: list[dict[str, Any]], split: str = "test
 def test_datalist_resolves_relative_paths_and_defaults(files):
     folder = Path(files["mri_ref"]).parent
     cases = [{"id": "a", "flair_1": "mri_ref.nii.gz", "t1_1": None, "label": "cube_ref.nii.gz", "note": 1}]
-    (case,) = D.load_datalist(write_datalist(folder, cases), "testing")
+    (case,) = load_datalist(write_datalist(folder, cases), "testing")
     assert case["flair_1"] == files["mri_ref"] and case["label"] == files["cube_ref"]
     assert "t1_1" not in case and "treatment" not in case and case["note"] == 1
     assert case["horizon_weeks"] == 24.0
@@ -268,7 +278,7 @@ def test_datalist_errors_name_case_and_key(files, entry, key, words):
     folder = Path(files["mri_ref"]).parent
     case = {"id": "case7", "flair_1": "mri_ref.nii.gz", **entry}
     with pytest.raises(errors.CaseError) as info:
-        D.load_datalist(write_datalist(folder, [case]), "testing")
+        load_datalist(write_datalist(folder, [case]), "testing")
     message = str(info.value)
     assert "\n" not in message and info.value.key == key and key in message
     assert case["id"] in message and all(word in message for word in words), message
@@ -280,13 +290,13 @@ def test_datalist_duplicate_id_and_error_collection(files):
     bad = {"id": "bad", "t1_0": "mri_iso.nii.gz"}
     path = write_datalist(folder, [good, dict(good), bad, {"id": "ok", "t1_1": "mri_iso.nii.gz"}])
     with pytest.raises(errors.CaseError, match=r"'dup'.*id.*duplicate"):
-        D.load_datalist(path, "testing")
+        load_datalist(path, "testing")
     failures: list[errors.CaseError] = []
-    cases = D.load_datalist(path, "testing", errors=failures)
+    cases = load_datalist(path, "testing", errors=failures)
     assert [c["id"] for c in cases] == ["dup", "ok"]
     assert [(e.case_id, e.key) for e in failures] == [("dup", "id"), ("bad", "flair_1")]
     with pytest.raises(ValueError, match="training"):
-        D.load_datalist(path, "training")
+        load_datalist(path, "training")
 
 
 def test_unreadable_image_names_case_and_key(tmp_path, files):
@@ -298,7 +308,7 @@ def test_unreadable_image_names_case_and_key(tmp_path, files):
     assert error is not None and (error.case_id, error.key) == ("phantom", "t1_1") and "cannot read" in str(error)
     assert str(pickle.loads(pickle.dumps(error))) == str(error)  # survives DataLoader workers / process pools
     with pytest.raises(errors.CaseError, match=r"'phantom'.*flair_1.*visit 1"):
-        D.LoadCased()({"id": "phantom", "t1_0": files["mri_iso"]})
+        LoadCased()({"id": "phantom", "t1_0": files["mri_iso"]})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +339,7 @@ def test_rand_drop_is_seeded_and_consistent():
     cond = make_cond(PRESENT)
     runs = []
     for _ in range(2):
-        drop = D.RandDropInputsd(prob_modality=0.4, prob_visit0=0.3, prob_net2=0.3)
+        drop = RandDropInputsd(prob_modality=0.4, prob_visit0=0.3, prob_net2=0.3)
         drop.set_random_state(seed=123)
         runs.append([drop({"cond": cond, "id": "x"})["cond"] for _ in range(30)])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -345,9 +355,9 @@ def test_rand_drop_is_seeded_and_consistent():
                     assert torch.all(out[channel] == (cond[channel] if available else 0.0)), (feature, key)
     # through Compose and set_determinism too
     set_determinism(seed=5)
-    first = [Compose([D.RandDropInputsd(prob_modality=0.5)])({"cond": cond})["cond"] for _ in range(5)]
+    first = [Compose([RandDropInputsd(prob_modality=0.5)])({"cond": cond})["cond"] for _ in range(5)]
     set_determinism(seed=5)
-    second = [Compose([D.RandDropInputsd(prob_modality=0.5)])({"cond": cond})["cond"] for _ in range(5)]
+    second = [Compose([RandDropInputsd(prob_modality=0.5)])({"cond": cond})["cond"] for _ in range(5)]
     set_determinism(seed=None)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert torch.all(cond == make_cond(PRESENT))  # input untouched
@@ -355,7 +365,7 @@ def test_rand_drop_is_seeded_and_consistent():
 
 def test_rand_drop_never_drops_all_visit1_mri():
     cond = make_cond(PRESENT)
-    drop = D.RandDropInputsd(prob_modality=1.0, prob_visit0=1.0, prob_net2=1.0)
+    drop = RandDropInputsd(prob_modality=1.0, prob_visit0=1.0, prob_net2=1.0)
     drop.set_random_state(seed=0)
     survivors = set()
     for _ in range(40):
@@ -363,11 +373,11 @@ def test_rand_drop_never_drops_all_visit1_mri():
         assert len(remaining) == 1 and remaining[0] in VISIT1_MRI
         survivors.add(remaining[0])
     assert survivors == {"flair_1", "t1_1", "t2_1"}
-    only_visit0 = D.RandDropInputsd(prob_modality=0.0, prob_visit0=1.0, prob_net2=0.0)
+    only_visit0 = RandDropInputsd(prob_modality=0.0, prob_visit0=1.0, prob_net2=0.0)
     assert kept(only_visit0({"cond": cond})["cond"]) == [k for k in PRESENT if not k.endswith("_0")]
-    only_net2 = D.RandDropInputsd(prob_modality=0.0, prob_visit0=0.0, prob_net2=1.0)
+    only_net2 = RandDropInputsd(prob_modality=0.0, prob_visit0=0.0, prob_net2=1.0)
     assert kept(only_net2({"cond": cond})["cond"]) == [k for k in PRESENT if k != "net2_1"]
-    never = D.RandDropInputsd(prob_modality=0.0, prob_visit0=0.0, prob_net2=0.0)
+    never = RandDropInputsd(prob_modality=0.0, prob_visit0=0.0, prob_net2=0.0)
     assert kept(never({"cond": cond})["cond"]) == PRESENT
 
 
@@ -380,18 +390,18 @@ def test_inverse_shapes_types_and_round_trip(files, tmp_path):
     out = run(phantom_case(files))
     args = (out["working_affine"], out["reference_affine"], out["reference_shape"])
     prob = torch.rand(2, *SIZE)
-    assert D.to_reference_grid(prob, *args).shape == (2, *SHAPES["ref"])
-    back_np = D.to_reference_grid(prob[0].numpy(), *(np.asarray(a) for a in args))
+    assert to_reference_grid(prob, *args).shape == (2, *SHAPES["ref"])
+    back_np = to_reference_grid(prob[0].numpy(), *(np.asarray(a) for a in args))
     assert back_np.shape == SHAPES["ref"] and back_np.dtype == np.float32
     assert 0.0 <= back_np.min() and back_np.max() <= 1.0
-    mask = D.to_reference_grid(out["label"], *args, threshold=0.5)
+    mask = to_reference_grid(out["label"], *args, threshold=0.5)
     assert set(np.unique(mask).tolist()) == {0.0, 1.0}
     assert dice(mask[0], nib.load(files["cube_ref"]).get_fdata()) > 0.85
 
-    post = D.ToReferenceGridd(keys="pred", threshold=0.5)({**out, "pred": out["label"]})
+    post = ToReferenceGridd(keys="pred", threshold=0.5)({**out, "pred": out["label"]})
     assert torch.equal(post["pred"].affine, out["reference_affine"]) and post["pred"].shape == (1, *SHAPES["ref"])
 
-    path = D.save_nifti(mask, out["reference_affine"], tmp_path / "sub" / "mask.nii.gz", np.uint8)
+    path = save_nifti(mask, out["reference_affine"], tmp_path / "sub" / "mask.nii.gz", np.uint8)
     saved, ref = nib.load(path), nib.load(files["mri_ref"])
     assert saved.shape == ref.shape and saved.get_data_dtype() == np.uint8
     np.testing.assert_allclose(saved.affine, ref.affine, atol=1e-6, rtol=0)
@@ -403,9 +413,9 @@ def test_save_nifti_is_atomic(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(D.nib, "save", fail)
+    monkeypatch.setattr(nib, "save", fail)
     with pytest.raises(OSError, match="disk full"):
-        D.save_nifti(np.zeros((4, 4, 4)), np.eye(4), tmp_path / "x.nii.gz")
+        save_nifti(np.zeros((4, 4, 4)), np.eye(4), tmp_path / "x.nii.gz")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -429,8 +439,8 @@ def itk_affine_ras(path: Path) -> np.ndarray:
 
 def round_trip(out: dict[str, Any], mask: torch.Tensor, path: Path) -> nib.Nifti1Image:
     """Working-grid mask -> reference grid, written and read back as the bundle does."""
-    back = D.to_reference_grid(mask, out["working_affine"], out["reference_affine"], out["reference_shape"], "nearest")
-    return nib.load(D.save_nifti(back, out["reference_affine"], path, np.uint8))
+    back = to_reference_grid(mask, out["working_affine"], out["reference_affine"], out["reference_shape"], "nearest")
+    return nib.load(save_nifti(back, out["reference_affine"], path, np.uint8))
 
 
 def test_real_patient_round_trip(shared_data, patient01_study1, tmp_path):
@@ -473,7 +483,7 @@ def test_real_raw_oblique_grids(shared_data, tmp_path):
     moved = {}
     for name in ("study1_T2W", "brainmask"):
         image = nib.load(p / f"{name}.nii.gz")
-        moved[name] = str(D.save_nifti(np.asarray(image.dataobj), to_raw @ image.affine, tmp_path / f"{name}.nii.gz"))
+        moved[name] = str(save_nifti(np.asarray(image.dataobj), to_raw @ image.affine, tmp_path / f"{name}.nii.gz"))
     case = {
         "id": "patient01_raw",
         "flair_1": str(raw / "study1_FLAIR.nii.gz"),
@@ -531,12 +541,12 @@ def test_crop_weights_come_from_inputs_only():
     cond[CONDITION_CHANNELS.index("t2les_1"), 2, 2, 2] = 1.0
     cond[CONDITION_CHANNELS.index("net2_1"), 5, 5, 5] = 1.0
     label = torch.ones((1, 8, 8, 8))
-    out = D.CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": label})
+    out = CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": label})
     weights = out["crop_weight"]
     assert weights.shape == (1, 8, 8, 8)
     assert weights[0, 2, 2, 2] == 11.0 and weights[0, 5, 5, 5] == 11.0
     assert int((weights == 1.0).sum()) == 8**3 - 2
-    same = D.CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": torch.zeros_like(label)})
+    same = CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": torch.zeros_like(label)})
     assert torch.equal(same["crop_weight"], weights)  # the label plays no part
 
 
@@ -545,7 +555,7 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
     erodes single-voxel lesions away; snapping the working grid to the input lattice keeps every voxel."""
     from monai.data import MetaTensor
 
-    from scripts.lesions import count_lesions
+    from scripts.runtime.lesions import count_lesions
 
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = [-47.3, -46.6, -44.9]  # not a multiple of the centre's lattice: a sub-voxel offset
@@ -560,7 +570,7 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
         case = {"flair_1": MetaTensor(torch.from_numpy(mri)[None], affine=torch.from_numpy(affine)),
                 "label": MetaTensor(torch.from_numpy(mask)[None], affine=torch.from_numpy(affine)),
                 "reference_centre": centre, "reference_affine": torch.from_numpy(affine)}
-        return D.ToWorkingGridd(spatial_size=(32, 32, 32), spacing=(3.0, 3.0, 3.0), anti_alias=False,
+        return ToWorkingGridd(spatial_size=(32, 32, 32), spacing=(3.0, 3.0, 3.0), anti_alias=False,
                                 snap_to_reference=snap)(case)
 
     plain, snapped = run(False), run(True)
@@ -580,8 +590,8 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
 def test_snap_to_voxel_centre_leaves_oblique_grids() -> None:
     flipped = np.diag([-2.0, 2.0, 3.0, 1.0])
     flipped[:3, 3] = [10.0, -5.0, 1.0]
-    np.testing.assert_allclose(D.snap_to_voxel_centre([5.1, -0.8, 2.4], flipped), [6.0, -1.0, 1.0])
+    np.testing.assert_allclose(snap_to_voxel_centre([5.1, -0.8, 2.4], flipped), [6.0, -1.0, 1.0])
     theta = 0.3
     oblique = np.eye(4)
     oblique[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
-    np.testing.assert_allclose(D.snap_to_voxel_centre([0.3, 0.4, 0.5], oblique), [0.3, 0.4, 0.5])
+    np.testing.assert_allclose(snap_to_voxel_centre([0.3, 0.4, 0.5], oblique), [0.3, 0.4, 0.5])

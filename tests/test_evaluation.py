@@ -1,5 +1,5 @@
-"""Evaluation (``scripts/evaluation.py``, ``bundle/configs/evaluate.json``): metrics with known answers, the evaluator
-on perfect forecasts, and the bundle command end to end."""
+"""Evaluation (``scripts/bench/evaluation``, ``bundle/configs/evaluate.json``): metrics with known answers, the
+evaluator on perfect forecasts, and the bundle command end to end."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import pytest
 import torch
 from scipy import stats
 
-from scripts.analysis import summarize_arm
-from scripts.constants import CONDITION_CHANNELS
-from scripts.evaluation import (
-    Evaluator,
+from scripts.bench.evaluation.evaluator import Evaluator
+from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
     activity_metrics,
     count_metrics,
@@ -32,8 +30,13 @@ from scripts.evaluation import (
     population_rates,
     ranking_agreement,
 )
-from scripts.lesions import match_lesions
-from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
+from scripts.bench.evaluation.summary import pooled_detection
+from scripts.runtime.analysis import summarize_arm
+from scripts.runtime.constants import CONDITION_CHANNELS
+from scripts.runtime.datalist import load_datalist
+from scripts.runtime.forecast import CaseForecast
+from scripts.runtime.lesions import match_lesions
+from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
 from tests.conftest import REPO_ROOT
 
 SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
@@ -155,17 +158,16 @@ def test_population_rates() -> None:
 
 
 def test_pooled_lesion_detection_conventions() -> None:
-    from scripts.evaluation import _pooled_detection
 
     def table(n_pred: int, n_true: int, matched: int, tp: int) -> dict:
         return {"n_forecast_lesions": n_pred, "n_true_lesions": n_true, "matched_forecast_lesions": matched, "tp": tp}
 
-    got = _pooled_detection([table(2, 3, 1, 2), table(2, 1, 2, 1)])
+    got = pooled_detection([table(2, 3, 1, 2), table(2, 1, 2, 1)])
     assert (got["precision"], got["recall"]) == (0.75, 0.75) and got["f1"] == pytest.approx(0.75)
     assert (got["tp"], got["fp"], got["fn"]) == (3, 1, 1)
-    missed = _pooled_detection([table(0, 3, 0, 0)])  # nothing forecast: precision undefined, F1 0 (recall 0)
+    missed = pooled_detection([table(0, 3, 0, 0)])  # nothing forecast: precision undefined, F1 0 (recall 0)
     assert missed["precision"] is None and missed["recall"] == 0.0 and missed["f1"] == 0.0
-    assert _pooled_detection([table(0, 0, 0, 0)])["f1"] is None
+    assert pooled_detection([table(0, 0, 0, 0)])["f1"] is None
 
 
 def test_lesion_table_matches_lesions_module_and_measures_anisotropic_distances() -> None:
@@ -196,8 +198,8 @@ def test_lesion_table_matches_lesions_module_and_measures_anisotropic_distances(
 # ---- the evaluator on perfect forecasts (no network) ----
 
 
-def _case_inputs(case: dict, truth: dict, base: Path, arms: list[str], k: int) -> dict:
-    """Hook arguments of a forecast whose every sample is the true counterfactual mask (working = reference grid)."""
+def _case_inputs(case: dict, truth: dict, base: Path, arms: list[str], k: int) -> CaseForecast:
+    """A forecast case whose every sample is the true counterfactual mask (working = reference grid)."""
     label = nib.load(case["label"])
     affine, shape = label.affine, label.shape
     masks = np.stack([np.asanyarray(nib.load(base / truth["counterfactual_labels"][a]).dataobj) > 0 for a in arms])
@@ -210,14 +212,11 @@ def _case_inputs(case: dict, truth: dict, base: Path, arms: list[str], k: int) -
     data = {"cond": np.zeros((len(CONDITION_CHANNELS), *shape), np.float32), "working_affine": affine,
             "reference_affine": affine, "reference_shape": np.asarray(shape)}
     forecast = {"id": case["id"], "num_samples": k, "horizon_weeks": float(case["horizon_weeks"]), "arms": arms_out}
-    return {"case": case, "data": data, "samples": samples, "forecast": forecast,
-            "probs": {arm: samples[a].mean(0).astype(np.float32) for a, arm in enumerate(arms)},
-            "regions": np.full(shape, 4, np.uint8)}
+    probs = {arm: samples[a].mean(0).astype(np.float32) for a, arm in enumerate(arms)}
+    return CaseForecast(case, data, samples, forecast, probs, np.full(shape, 4, np.uint8), None)
 
 
 def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -> None:
-    from scripts.data import load_datalist
-
     arms = ["placebo", "laquinimod", "ocrelizumab"]
     evaluator = Evaluator(tiny_cohort, tmp_path)
     cases = load_datalist(tiny_cohort, "testing")
@@ -226,7 +225,7 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
         if truth["treatment"] not in arms:  # keep the factual arm among the forecast arms
             case["treatment"] = truth["treatment"] = "placebo"
             case["label"] = str(tiny_cohort.parent / truth["counterfactual_labels"]["placebo"])
-        evaluator(**_case_inputs(case, truth, tiny_cohort.parent, arms, k=2))
+        evaluator(_case_inputs(case, truth, tiny_cohort.parent, arms, k=2))
     metrics = evaluator.write()
     overall = metrics["overall"]
     assert overall["n_cases"] == len(cases)
@@ -255,28 +254,28 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
 
 
 class _StubForecaster:
-    """The parts of ``ForecastRunner`` the evaluator uses; its forecasts are the true counterfactual masks with
-    the optional exception of ``fail_id``, which fails after scoring the cases before it."""
+    """The declared interface of ``ForecastRunner`` (``settings``, ``run(listeners, skip_ids)``); its forecasts are
+    the true counterfactual masks with the optional exception of ``fail_id``, which fails after scoring the cases
+    before it."""
 
-    def __init__(self, datalist: Path, arms: list[str], fail_id: str | None = None) -> None:
-        self.datalist, self.arms, self.fail_id = datalist, arms, fail_id
-        self.case_hooks: list = []
-        self.overwrite, self.skip_ids, self.forecast_ids = True, set(), []
-        self.inferer = type("Inferer", (), {"num_samples": 2, "seed": 0})()
+    def __init__(self, datalist: Path, arms: list[str], fail_id: str | None = None, num_samples: int = 2) -> None:
+        self.datalist, self.arms, self.fail_id, self.num_samples = datalist, arms, fail_id, num_samples
+        self.forecast_ids: list[str] = []
 
-    def run(self) -> None:
-        from scripts.data import load_datalist
+    def settings(self) -> dict:
+        return {"arms": self.arms, "num_samples": self.num_samples, "seed": 0, "overwrite": True}
 
+    def run(self, listeners=(), skip_ids=()) -> None:
         for case in load_datalist(self.datalist, "testing"):
-            if case["id"] in self.skip_ids:
+            if case["id"] in skip_ids:
                 continue
             if case["id"] == self.fail_id:
                 raise KeyboardInterrupt  # the run is stopped here
             truth = json.loads((self.datalist.parent / "truth" / f"{case['id']}.json").read_text())
             case["treatment"] = truth["treatment"] = "placebo"
             case["label"] = str(self.datalist.parent / truth["counterfactual_labels"]["placebo"])
-            for hook in self.case_hooks:
-                hook(**_case_inputs(case, truth, self.datalist.parent, self.arms, k=2))
+            for listener in listeners:
+                listener(_case_inputs(case, truth, self.datalist.parent, self.arms, k=2))
             self.forecast_ids.append(case["id"])
 
 
@@ -289,8 +288,6 @@ def _without_timing(metrics: dict) -> dict:
 
 
 def test_stopped_evaluation_resumes_with_identical_metrics(tiny_cohort: Path, tmp_path: Path) -> None:
-    from scripts.data import load_datalist
-
     arms = ["placebo", "ocrelizumab"]
     ids = [c["id"] for c in load_datalist(tiny_cohort, "testing")]
     assert len(ids) >= 2
@@ -307,23 +304,19 @@ def test_stopped_evaluation_resumes_with_identical_metrics(tiny_cohort: Path, tm
     assert _without_timing(resumed) == _without_timing(whole)
 
     # other settings (here: the samples per arm), or resume=False: every case again
-    forecaster = _StubForecaster(tiny_cohort, arms)
-    forecaster.inferer.num_samples = 3
+    forecaster = _StubForecaster(tiny_cohort, arms, num_samples=3)
     Evaluator(tiny_cohort, out, figures=False).run(forecaster)
     assert forecaster.forecast_ids == ids
-    forecaster = _StubForecaster(tiny_cohort, arms)
-    forecaster.inferer.num_samples = 3
+    forecaster = _StubForecaster(tiny_cohort, arms, num_samples=3)
     Evaluator(tiny_cohort, out, figures=False, resume=False).run(forecaster)
     assert forecaster.forecast_ids == ids
 
 
 def test_evaluator_without_truth_files_skips_counterfactuals(tiny_cohort: Path, tmp_path: Path) -> None:
-    from scripts.data import load_datalist
-
     case = load_datalist(tiny_cohort, "testing")[0]
     truth = json.loads((tiny_cohort.parent / "truth" / f"{case['id']}.json").read_text())
     evaluator = Evaluator(tiny_cohort, tmp_path, truth_dir=tmp_path / "none", figures=False)
-    evaluator(**_case_inputs(case, truth, tiny_cohort.parent, [case["treatment"]], k=1))
+    evaluator(_case_inputs(case, truth, tiny_cohort.parent, [case["treatment"]], k=1))
     metrics = evaluator.results()
     assert not metrics["counterfactual"]["available"] and "no truth files" in metrics["counterfactual"]["note"]
     assert metrics["baselines"]["population"]["available"]  # the tiny cohort has a training split
@@ -363,9 +356,9 @@ def test_evaluate_config_mirrors_the_deterministic_training_network_and_defaults
     configs = REPO_ROOT / "bundle" / "configs"
     evaluate = ConfigParser.load_config_file(configs / "evaluate.json")
     trained = ConfigParser.load_config_file(configs / "train_deterministic.json")["network_def"]
-    # the checkpoint of train_deterministic.json must load: every architecture setting it uses is mirrored
-    assert set(trained) <= set(evaluate["deterministic_def"]) | {"_target_"}
-    assert evaluate["deterministic_def"]["_target_"] == trained["_target_"]
+    # the checkpoint of train_deterministic.json must load: the same class built from the same network_args
+    assert trained == "$scripts.runtime.network.DeterministicForecastNet(**@network_args)"
+    assert evaluate["deterministic_def"].startswith(trained)
     parser = ConfigParser()
     parser.read_config([str(configs / "inference.json"), str(configs / "evaluate.json")])
     assert parser.get_parsed_content("overwrite") is True  # the samples are needed: every case is forecast anew
@@ -373,6 +366,10 @@ def test_evaluate_config_mirrors_the_deterministic_training_network_and_defaults
     assert parser.get_parsed_content("unaware_network") is None
     assert parser.get_parsed_content("unaware_inferer").arms is None  # null treatment token
     assert isinstance(parser.get_parsed_content("evaluation"), Evaluator)
+    with_baseline = ConfigParser()
+    with_baseline.read_config([str(configs / "inference.json"), str(configs / "evaluate.json")])
+    with_baseline["deterministic_ckpt"] = "unused.pt"
+    assert isinstance(with_baseline.get_parsed_content("deterministic_def"), DeterministicForecastNet)
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +390,7 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     # the tiny cohort's test cases are under placebo and ocrelizumab: two arms keep the test short
     args = ["--datalist", str(tiny_cohort), "--output_dir", str(out), "--ckpt_path", str(tiny_weights["model"]),
             "--deterministic_ckpt", str(tiny_weights["deterministic"]), "--unaware_ckpt", str(tiny_weights["unaware"]),
-            "--treatments", "['placebo','ocrelizumab']", "--network_def#channels", "[8,16,16,16]",
+            "--treatments", "['placebo','ocrelizumab']", "--network_channels", "[8,16,16,16]",
             "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--num_samples", "2", "--num_inference_steps",
             "2", "--device", "cpu"]
     result = subprocess.run(

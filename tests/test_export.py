@@ -1,4 +1,4 @@
-"""TorchScript export (``scripts/export.py``): the traced network agrees with the eager one and loads for inference."""
+"""TorchScript export (``scripts/tools/export.py``): the traced network matches the eager one, loads for inference."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata
 
-from scripts.constants import CONDITION_CHANNELS
-from scripts.export import (
+from scripts.runtime.constants import CONDITION_CHANNELS
+from scripts.runtime.inferer import ForecastInferer
+from scripts.tools.export import (
     EXPORT_INFO,
     device_constants,
     example_inputs,
@@ -19,11 +20,10 @@ from scripts.export import (
     load_torchscript,
     matches_checkpoint,
 )
-from scripts.inferer import ForecastInferer
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
-TINY = {"network_def#channels": [8, 16, 16, 16]}
+TINY = {"network_channels": [8, 16, 16, 16]}
 """Overrides for a small network (as in the forecast tests); the traced size is 16^3, the smallest it accepts."""
 TRACE_SIZE = [16, 16, 16]
 
@@ -64,7 +64,7 @@ def test_export_embeds_metadata_config_and_checks(exported: dict) -> None:
     assert meta["network_data_format"] == bundle_meta["network_data_format"]
     assert {"MONAI", "Pytorch", "Numpy"} <= set(meta)  # save_net_with_metadata's version record
     config = json.loads(extra["inference.json"])
-    assert config["network_def"]["channels"] == TINY["network_def#channels"]  # the config the trace was built from
+    assert config["network_channels"] == TINY["network_channels"]  # the config the trace was built from
     assert config["spatial_size"] == TRACE_SIZE and "_meta_" not in config
     assert json.loads(extra[EXPORT_INFO]) == info
 
@@ -118,5 +118,5 @@ def test_torchscript_config_only_replaces_the_network() -> None:
     ts = ConfigParser.load_config_file(CONFIGS / "inference_ts.json")
     assert ts["initialize"] == [e for e in base["initialize"] if "load_weights" not in e]
     merged = ConfigParser.load_config_files([CONFIGS / "inference.json", CONFIGS / "inference_ts.json"])
-    assert merged["imports"] == base["imports"] + ["$import scripts.export"]
-    assert "load_torchscript" in merged["network"] and merged["forecaster"]["network"] == "@network"
+    assert merged["imports"] == base["imports"] + ["$import scripts.tools.export"]
+    assert "load_torchscript" in merged["network"] and merged["evaluator"]["network"] == "@network"

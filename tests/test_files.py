@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.files import atomic_path, write_text_atomic
+from scripts.runtime.files import atomic_path, write_text_atomic
 
 
 def test_atomic_path_moves_the_finished_file_in_place(tmp_path: Path) -> None:

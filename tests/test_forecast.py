@@ -15,13 +15,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scripts.analysis import effects_vs_placebo, summarize_arm
-from scripts.constants import ARMS
-from scripts.lesions import count_lesions
-from scripts.network import ForecastDiffusionUNet
+from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
+from scripts.runtime.constants import ARMS
+from scripts.runtime.lesions import count_lesions
+from scripts.runtime.network import ForecastDiffusionUNet
 from tests.conftest import REPO_ROOT
 
-SMALL_NET = ["--network_def#channels", "[8,16,16,16]"]
+SMALL_NET = ["--network_channels", "[8,16,16,16]"]
 TINY_GRID = ["--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]"]
 FAST = ["--num_samples", "2", "--num_inference_steps", "2", "--device", "cpu"]
 SHIPPED = REPO_ROOT / "bundle" / "models" / "model.pt"
@@ -170,7 +170,7 @@ def test_forecasts_are_restricted_to_the_brain(tiny_cohort: Path, small_weights:
 
 
 def test_brain_restriction_margin() -> None:
-    from scripts.regions import brain_restriction
+    from scripts.runtime.regions import brain_restriction
 
     regions = np.zeros((9, 9, 9), np.uint8)
     regions[3:6, 3:6, 3:6] = 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.lesions import analyze_mask, count_lesions, describe_lesions, match_lesions
+from scripts.runtime.lesions import analyze_mask, count_lesions, describe_lesions, match_lesions
 from tests.conftest import REPO_ROOT
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.metrics import ActivityBrier, CountAbsoluteError, CountCRPS, count_crps, poisson_count_crps
+from scripts.training.metrics import ActivityBrier, CountAbsoluteError, CountCRPS, count_crps, poisson_count_crps
 
 
 def _lesions(n: int, shape: tuple[int, int, int] = (16, 16, 16)) -> np.ndarray:
@@ -71,9 +71,9 @@ def test_reference_scores_on_the_tiny_cohort(tiny_cohort) -> None:
 
     import nibabel as nib
 
-    from scripts.data import load_datalist
-    from scripts.lesions import count_lesions
-    from scripts.metrics import reference_scores
+    from scripts.runtime.datalist import load_datalist
+    from scripts.runtime.lesions import count_lesions
+    from scripts.training.metrics import reference_scores
 
     cases = load_datalist(tiny_cohort, "validation")
     counts = [count_lesions(np.asarray(nib.load(c["label"]).dataobj) > 0.5) for c in cases]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import monai
 import pytest
 import torch
 
-from scripts.constants import ARMS, CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
-from scripts.engines import DiffusionPrepareBatch, WeightedBCEWithLogitsLoss, WeightedMSELoss
-from scripts.inferer import ForecastInferer, ThresholdInferer
-from scripts.network import DeterministicForecastNet, ForecastDiffusionUNet
-from scripts.sampler import ForecastSampler
-from scripts.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
+from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
+from scripts.runtime.inferer import ForecastInferer, ThresholdInferer
+from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
+from scripts.runtime.sampler import ForecastSampler
+from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
+from scripts.training.engines import MaskDiffusionPrepareBatch, WeightedBCEWithLogitsLoss
 from tests.conftest import SMALL_NET, perturbed_small_net
 
 SIZE = 16
@@ -124,27 +125,23 @@ def test_scheduler_schedule_and_weights() -> None:
     scheduler.set_timesteps(10)
     assert scheduler.timesteps[0] == 999 and len(scheduler.timesteps) == 10  # trailing: starts at pure noise
     weights = scheduler.loss_weights(torch.tensor([0, 500, 999]))
-    assert scheduler.prediction_type == "sample"
+    assert scheduler.prediction_type == "mask_logits"
     assert weights[0] == scheduler.min_snr_gamma  # nearly clean: clamped at gamma
     assert weights[-1] == 1.0  # pure noise (SNR = 0): weight 1, never 0
-    v_weights = ForecastScheduler(prediction_type="v_prediction").loss_weights(torch.tensor([0, 500, 999]))
-    assert torch.all(v_weights > 0) and torch.all(v_weights <= 1) and v_weights[-1] == 1.0
+    with pytest.raises(ValueError, match="mask_logits"):
+        ForecastScheduler(prediction_type="epsilon")
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction", "mask_logits"])
-def test_scheduler_step_recovers_x0_from_exact_targets(prediction_type: str) -> None:
-    scheduler = ForecastScheduler(prediction_type=prediction_type)
+def test_scheduler_step_recovers_x0_from_confident_logits() -> None:
+    scheduler = ForecastScheduler()
     scheduler.set_timesteps(4)
     x0 = mask_to_signal((torch.rand(1, 1, 8, 8, 8) > 0.8).float())
     noise = torch.randn_like(x0)
     sample = noise.clone()
     for t in scheduler.timesteps:
         timesteps = torch.tensor([int(t)])
-        # the exact target along the deterministic trajectory that starts from `noise`
-        target = scheduler.training_target(x0, noise, timesteps)
-        if prediction_type == "mask_logits":  # a confident logit of the right sign
-            target = 30.0 * target
-        sample, predicted = scheduler.step(target, int(t), scheduler.add_noise(x0, noise, timesteps))
+        # a confident logit of the right sign along the deterministic trajectory that starts from `noise`
+        sample, predicted = scheduler.step(30.0 * x0, int(t), scheduler.add_noise(x0, noise, timesteps))
         assert torch.allclose(predicted, x0, atol=1e-4)
     assert torch.equal(signal_to_mask(sample), (x0 > 0).float())
 
@@ -154,13 +151,18 @@ def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
     batch = {"cond": cond, "label": (torch.rand(4, 1, SIZE, SIZE, SIZE) > 0.9).float(),
              "treatment": torch.tensor([0, 1, 2, 3]), "horizon": horizon}
     torch.manual_seed(0)
-    x_t, target, args, kwargs = DiffusionPrepareBatch(ForecastScheduler(), treatment_dropout=1.0)(batch)
+    prepare = MaskDiffusionPrepareBatch(ForecastScheduler(), treatment_dropout=1.0)
+    assert isinstance(prepare, monai.engines.DiffusionPrepareBatch)
+    x_t, target, args, kwargs = prepare(batch)
     assert x_t.shape == batch["label"].shape and args == ()
     assert torch.all(kwargs["treatment"] == NULL_TREATMENT)  # dropout 1: always the null token
-    loss = WeightedMSELoss()(net(x_t, **kwargs), target)
+    assert torch.equal(target.target, mask_to_signal(batch["label"]))
+    loss = WeightedBCEWithLogitsLoss()(net(x_t, **kwargs), target)
     assert loss.ndim == 0 and torch.isfinite(loss)
-    logits_scheduler = ForecastScheduler(prediction_type="mask_logits", lesion_weight=10.0)
-    x_in, target, _, kwargs = DiffusionPrepareBatch(logits_scheduler)(batch)
+    logits_scheduler = ForecastScheduler(lesion_weight=10.0)
+    x_in, target, _, kwargs = MaskDiffusionPrepareBatch(logits_scheduler)(batch)
+    min_snr = logits_scheduler.loss_weights(kwargs["timesteps"]).reshape(4, 1, 1, 1, 1)
+    assert torch.allclose(target.weight, min_snr * torch.where(batch["label"] > 0, 10.0, 1.0))
     assert x_in.abs().max() <= logits_scheduler.llr_clip / logits_scheduler.llr_scale + 1e-6
     perfect = WeightedBCEWithLogitsLoss()(40.0 * target.target, target)
     wrong = WeightedBCEWithLogitsLoss()(-40.0 * target.target, target)
@@ -168,7 +170,7 @@ def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
 
 
 def test_likelihood_ratio_input_and_logit_debiasing() -> None:
-    scheduler = ForecastScheduler(prediction_type="mask_logits", lesion_weight=20.0)
+    scheduler = ForecastScheduler(lesion_weight=20.0)
     x0 = mask_to_signal(torch.tensor([0.0, 1.0])).reshape(2, 1, 1, 1, 1)
     t = torch.tensor([500, 500])
     a = scheduler.alphas_cumprod[500]
@@ -183,15 +185,14 @@ def test_likelihood_ratio_input_and_logit_debiasing() -> None:
     logit_weighted = torch.logit(p) + torch.log(torch.tensor(20.0))
     x0_hat, _ = scheduler.predict_x0_eps(logit_weighted, torch.zeros(4), torch.tensor(0.5))
     assert torch.allclose((x0_hat + 1) / 2, p, atol=1e-5)
-    assert ForecastScheduler().scale_model_input(x0, t) is x0  # other prediction types: x_t unchanged
     # a calibrated sampling weight de-biases by its own log, training's weight is untouched
-    calibrated = ForecastScheduler(prediction_type="mask_logits", lesion_weight=20.0, debias_weight=60.0)
+    calibrated = ForecastScheduler(lesion_weight=20.0, debias_weight=60.0)
     assert calibrated.lesion_weight == 20.0 and scheduler.debias_weight == 20.0
     x0_cal, _ = calibrated.predict_x0_eps(torch.logit(p) + torch.log(torch.tensor(60.0)), torch.zeros(4),
                                           torch.tensor(0.5))
     assert torch.allclose((x0_cal + 1) / 2, p, atol=1e-5)
     with pytest.raises(ValueError, match="debias_weight"):
-        ForecastScheduler(prediction_type="mask_logits", debias_weight=0.0)
+        ForecastScheduler(debias_weight=0.0)
 
 
 def test_inferer_counterfactual_layout_and_seed(net: ForecastDiffusionUNet) -> None:
@@ -215,15 +216,9 @@ def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
     assert torch.equal(whole, chunked)
 
 
-def test_lesion_weight_debiasing_inverts_the_weighted_optimum() -> None:
+def test_lesion_voxel_weights() -> None:
     scheduler = ForecastScheduler(lesion_weight=20.0)
-    p = torch.tensor([0.0, 0.001, 0.05, 0.5, 0.9, 1.0])
-    w = scheduler.lesion_weight
-    p_weighted = w * p / (w * p + 1 - p)  # minimiser of the lesion-weighted squared error, as a probability
-    recovered = (scheduler.debias_x0(2 * p_weighted - 1) + 1) / 2
-    assert torch.allclose(recovered, p, atol=1e-6)
     target = mask_to_signal(torch.tensor([0.0, 1.0]))
     assert scheduler.voxel_weights(target).tolist() == [1.0, 20.0]
-    assert ForecastScheduler().debias_x0(torch.tensor([0.3])).item() == pytest.approx(0.3)  # w = 1: no change
-    with pytest.raises(ValueError):
-        ForecastScheduler(prediction_type="v_prediction", lesion_weight=5.0)
+    with pytest.raises(ValueError, match="lesion_weight"):
+        ForecastScheduler(lesion_weight=0.5)

@@ -1,4 +1,4 @@
-"""Tests of scripts/regions.py: region maps from the conditioning volume, against the synthetic truth and on real data.
+"""scripts/runtime/regions.py: region maps from the conditioning volume, against the synthetic truth and on real data.
 
 The synthetic cohort knows the tissue of every voxel and the region of every NET2 event (``truth/<id>.json``), so the
 derived brain, ventricles, infratentorial part and event regions are compared with it; the real LIT patient01 (FLAIR,
@@ -21,11 +21,11 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from scipy import ndimage
 
-from scripts import regions as RG
-from scripts.constants import CONDITION_CHANNELS, MRI_MODALITIES
-from scripts.data import load_datalist
-from scripts.lesions import label_lesions
-from scripts.synthetic import generate_cohort
+from scripts.bench.synthetic.cohort import generate_cohort
+from scripts.runtime import regions as RG
+from scripts.runtime.constants import CONDITION_CHANNELS, MRI_MODALITIES
+from scripts.runtime.datalist import load_datalist
+from scripts.runtime.lesions import label_lesions
 from tests.conftest import config_preprocessing
 
 SPACING = 3.0

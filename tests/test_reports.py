@@ -8,9 +8,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from scripts import reports
-from scripts.constants import ARMS
-from scripts.reports import ARM_LABELS, forecast_figure, pick_slices
+from scripts.runtime.constants import ARMS
+from scripts.runtime.figures import ARM_LABELS, _axial, arm_label, forecast_figure, pick_slices
 
 SHAPE = (32, 32, 32)
 BLOBS = ((10, 20, 6), (20, 12, 16), (14, 22, 26))
@@ -59,8 +58,8 @@ def _check_png(path: Path) -> np.ndarray:
 
 def test_arm_labels_cover_every_arm() -> None:
     assert set(ARM_LABELS) == set(ARMS)
-    assert reports.arm_label("interferon_beta_1a") == "interferon beta-1a"
-    assert reports.arm_label("new_drug") == "new drug"
+    assert arm_label("interferon_beta_1a") == "interferon beta-1a"
+    assert arm_label("new_drug") == "new drug"
 
 
 def test_pick_slices_go_through_the_lesions() -> None:
@@ -91,7 +90,7 @@ def test_pick_slices_all_zero_go_through_the_brain_centre() -> None:
 def test_axial_slices_are_radiological_anterior_up() -> None:
     volume = np.zeros((10, 12, 3))
     volume[8, 10, 1] = 1.0  # right (high x) and anterior (high y)
-    image = reports._axial(volume, 1, (slice(0, 10), slice(0, 12)))
+    image = _axial(volume, 1, (slice(0, 10), slice(0, 12)))
     row, col = np.argwhere(image == 1.0)[0]
     assert image.shape == (12, 10)
     assert row == 10  # drawn with origin="lower": a high row is near the top, i.e. anterior up
@@ -170,7 +169,7 @@ def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
     """A realistic case: a synthetic FLAIR and its smoothed counterfactual NET2 masks as probability maps."""
     from scipy import ndimage
 
-    from scripts.synthetic import generate_case
+    from scripts.bench.synthetic.case import generate_case
 
     case = generate_case(0, 0, shape=32, spacing=6.0)
     flair = case.images["flair_1"].astype(np.float32)
@@ -186,7 +185,7 @@ def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
 def test_training_curves_with_reference_lines(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from scripts.reports import training_curves
+    from scripts.tools.curves import training_curves
 
     with SummaryWriter(str(tmp_path / "tb")) as writer:
         for epoch in range(1, 4):

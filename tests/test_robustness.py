@@ -24,17 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import data as D
-from scripts import engines as E
-from scripts import errors, files
-from scripts import forecast as F
-from scripts.constants import ARMS, CONDITION_CHANNELS
-from scripts.network import ForecastDiffusionUNet
+from scripts.runtime import errors, files
+from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOADED_KEYS, VISIT1_MRI_KEYS
+from scripts.runtime.datalist import CaseDataset
+from scripts.runtime.forecast import ForecastRunner
+from scripts.runtime.grids import fields_of_view_overlap, world_bounding_box
+from scripts.runtime.network import ForecastDiffusionUNet
+from scripts.training.engines import AtomicCheckpointSaver, AtomicDiskSaver, TrainerCheckpointSaver, latest_checkpoint
 from tests.conftest import REPO_ROOT
 
 SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
          "num_head_channels": 16}
-FORECAST_FLAGS = ["--network_def#channels", "[8,16,16,16]", "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]",
+FORECAST_FLAGS = ["--network_channels", "[8,16,16,16]", "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]",
                   "--num_samples", "2", "--num_inference_steps", "2", "--device", "cpu", "--treatments", "['placebo']"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 GOOD = "good"
@@ -65,7 +66,7 @@ def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _absolute(case: dict[str, Any], folder: Path) -> dict[str, Any]:
-    return {k: str(folder / v) if k in D.LOADED_KEYS else v for k, v in case.items()}
+    return {k: str(folder / v) if k in LOADED_KEYS else v for k, v in case.items()}
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -137,7 +138,7 @@ def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]
     by_id["horizon_too_long"]["horizon_weeks"] = 60
     by_id["horizon_too_short"]["horizon_weeks"] = 4
     del by_id["#13"]["id"]
-    for key in D.VISIT1_MRI_KEYS:
+    for key in VISIT1_MRI_KEYS:
         by_id["no_visit1_mri"].pop(key, None)
     assert list(BAD).index("#13") == 13  # an entry without id is named by its position
     # an empty lesion mask is a valid input (no lesion seen): the good case has one
@@ -240,8 +241,8 @@ def test_checkpoint_of_another_network(tiny_cohort: Path, tmp_path: Path) -> Non
 
 def test_unknown_requested_arm_lists_the_valid_ones(tiny_cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(errors.InputError, match="treatments: unknown treatment 'aspirin'; valid arms are: placebo, "):
-        F.ForecastRunner(tiny_cohort, tmp_path, _stub_preprocessing, torch.nn.Identity(), _StubInferer(),
-                         arms=["placebo", "aspirin"])
+        ForecastRunner(CaseDataset(tiny_cohort, "testing", _stub_preprocessing), tmp_path, torch.nn.Identity(),
+                       _StubInferer(), arms=["placebo", "aspirin"])
 
 
 def test_horizon_range_is_the_trained_range() -> None:
@@ -249,7 +250,7 @@ def test_horizon_range_is_the_trained_range() -> None:
     inference = json.loads((configs / "inference.json").read_text())
     metadata = json.loads((configs / "metadata.json").read_text())
     assert inference["horizon_range"] == metadata["forecast_horizon"]["trained_range"]
-    assert inference["forecaster"]["horizon_range"] == "@horizon_range"
+    assert inference["dataset"]["horizon_range"] == "@horizon_range"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,12 +278,12 @@ def _stub_preprocessing(case: dict) -> dict:
             "reference_shape": (SIZE, SIZE, SIZE)}
 
 
-def _runner(tiny_cohort: Path, tmp_path: Path, **kwargs: Any) -> F.ForecastRunner:
+def _runner(tiny_cohort: Path, tmp_path: Path, **kwargs: Any) -> ForecastRunner:
     flair = tiny_cohort.parent / json.loads(tiny_cohort.read_text())["testing"][0]["flair_1"]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"id": "a", "flair_1": str(flair)}]}))
-    return F.ForecastRunner(datalist, tmp_path / "out", _stub_preprocessing, torch.nn.Identity(), _StubInferer(),
-                            arms=["placebo", "ocrelizumab"], figure=False, **kwargs)
+    return ForecastRunner(CaseDataset(datalist, "testing", _stub_preprocessing), tmp_path / "out",
+                          torch.nn.Identity(), _StubInferer(), arms=["placebo", "ocrelizumab"], figure=False, **kwargs)
 
 
 @pytest.fixture
@@ -343,12 +344,12 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path: Path) -> None:
 def test_checkpoint_savers_are_atomic(tmp_path: Path) -> None:
     """Every file the bundle's savers write (interval checkpoints, the best model) goes through AtomicDiskSaver."""
     network = torch.nn.Linear(2, 2)
-    trainer_saver = E.TrainerCheckpointSaver(str(tmp_path), {"network": network}, save_interval=1, n_saved=1)
-    assert isinstance(trainer_saver._interval_checkpoint.save_handler, E.AtomicDiskSaver)
-    best = E.AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_key_metric=True,
+    trainer_saver = TrainerCheckpointSaver(str(tmp_path), {"network": network}, save_interval=1, n_saved=1)
+    assert isinstance(trainer_saver._interval_checkpoint.save_handler, AtomicDiskSaver)
+    best = AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_key_metric=True,
                                    key_metric_filename="model.pt")
     handler = best._key_metric_checkpoint.save_handler
-    assert isinstance(handler, E.AtomicDiskSaver) and handler.filename == "model.pt"
+    assert isinstance(handler, AtomicDiskSaver) and handler.filename == "model.pt"
 
 
 def test_resumed_run_counts_earlier_checkpoints(tmp_path: Path) -> None:
@@ -362,14 +363,14 @@ def test_resumed_run_counts_earlier_checkpoints(tmp_path: Path) -> None:
         engine.state.epoch, engine.state.iteration = 1, 2
 
     engine.add_event_handler(Events.STARTED, resume)
-    E.TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=1,
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=1,
                              n_saved=1).attach(engine)
     engine.run([0, 1], max_epochs=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
 
 
 def test_interrupted_checkpoint_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    saver = E.AtomicDiskSaver(tmp_path)
+    saver = AtomicDiskSaver(tmp_path)
     saver({"w": torch.zeros(3)}, "checkpoint_epoch=1.pt")
     save = torch.save
 
@@ -391,7 +392,7 @@ def test_interrupted_checkpoint_save_leaves_no_file(tmp_path: Path, monkeypatch:
 
 TRAIN_FLAGS = [
     "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--batch_size", "1", "--val_interval", "100",
-    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_def#channels", "[8,16,16,16]",
+    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_channels", "[8,16,16,16]",
     "--device", "cpu", "--checkpoint_interval", "1", "--train#trainer#max_epochs", "3",
 ]
 
@@ -422,7 +423,7 @@ def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) ->
         if process.poll() is None:
             process.kill()
             process.wait()
-    last = E.latest_checkpoint(str(models))
+    last = latest_checkpoint(str(models))
     assert last is not None
     epoch = _epoch_of(Path(last))
     assert epoch in (1, 2)
@@ -446,15 +447,15 @@ def test_fields_of_view_overlap() -> None:
     grid = np.diag([2.0, 2.0, 2.0, 1.0])  # 10 voxels of 2 mm: field of view [-1, 19] mm per axis
     shifted = grid.copy()
     shifted[:3, 3] = (20.0, 0.0, 0.0)  # [19, 39] mm in x: touches, no volume in common
-    assert not D.fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
+    assert not fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
     shifted[0, 3] = 15.0  # [14, 34] mm: 5 mm in common
-    assert D.fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
+    assert fields_of_view_overlap(grid, (10, 10, 10), shifted, (10, 10, 10))
     c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
     oblique = np.eye(4)
     oblique[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * 3.0
     oblique[:3, 3] = (9.0, -10.0, 5.0)  # a rotated 3 mm grid reaching into the first box
-    assert D.fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
+    assert fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
     oblique[:3, 3] = (9.0, -60.0, 5.0)
-    assert not D.fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
-    box = D.world_bounding_box(grid, (10, 10, 10))
+    assert not fields_of_view_overlap(grid, (10, 10, 10), oblique, (8, 8, 8))
+    box = world_bounding_box(grid, (10, 10, 10))
     np.testing.assert_allclose(box, [[-1, -1, -1], [19, 19, 19]])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES
-from scripts.synthetic import ARM_EFFICACY, TISSUE_LABELS, generate_case, generate_cohort, split_indices
+from scripts.bench.synthetic.case import generate_case
+from scripts.bench.synthetic.cohort import generate_cohort, split_indices
+from scripts.bench.synthetic.config import ARM_EFFICACY, TISSUE_LABELS
+from scripts.runtime.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES
 
 REPO = Path(__file__).resolve().parents[1]
 N_CASES = 7

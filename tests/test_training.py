@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from scripts.constants import CONDITION_CHANNELS
+from scripts.runtime.constants import CONDITION_CHANNELS
 from tests.conftest import REPO_ROOT
 
 TINY = [
     "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--batch_size", "2", "--val_interval", "1",
-    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_def#channels", "[8,16,16,16]", "--device", "cpu",
+    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_channels", "[8,16,16,16]", "--device", "cpu",
     "--checkpoint_interval", "1",
 ]
 

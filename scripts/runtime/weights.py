@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.errors import CheckpointError, CheckpointNotFound
+from scripts.runtime.errors import CheckpointError, CheckpointNotFound
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:

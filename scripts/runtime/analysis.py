@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.lesions import count_lesions, voxel_volume_mm3
+from scripts.runtime.lesions import count_lesions, voxel_volume_mm3
 
 
 def summarize_arm(samples: np.ndarray, working_affine: np.ndarray) -> dict[str, Any]:

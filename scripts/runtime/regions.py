@@ -33,12 +33,8 @@ the availability channels tell; intensities are the pipeline's (foreground media
    (sulci). **Deep white matter**: the rest of the brain. Precedence: infratentorial > periventricular >
    juxtacortical > deep white matter.
 
-Measured (tests/test_regions.py prints the same figures for its 6 cases): on 40 synthetic cases (seed 7) brain
-Dice 0.95 against tissue > 0, ventricle Dice 0.86, infratentorial Dice 0.97 (on parenchyma), voxel-level agreement
-with the generator's region rules 0.90, and the map's region at the centroid of the true NET2 events agrees with
-the generator's region for 86% of 316 events (periventricular 0.82, juxtacortical 0.79, infratentorial 0.89, deep
-white matter 0.93; always answering the commonest region would get 0.32); FLAIR of visit 1 alone 0.85. On LIT
-patient01 (FLAIR, T1, T2, not skull stripped) brain Dice 0.92 against its expert brain mask (86% of the map inside).
+How well the map agrees with the synthetic truth and a real brain mask is measured by ``tests/test_regions.py``
+(figures in ``bundle/docs/training.md``).
 
 Limits: the map is as coarse as the 3 mm grid. Sulci narrower than a voxel are invisible, so juxtacortical is
 mostly "near the outer surface or a visible sulcus"; deep grey matter is not separated (lesions there count as
@@ -57,8 +53,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from scripts.constants import CONDITION_CHANNELS, MRI_MODALITIES
-from scripts.lesions import label_lesions
+from scripts.runtime.constants import CONDITION_CHANNELS, MRI_MODALITIES
+from scripts.runtime.lesions import label_lesions
 
 __all__ = [
     "JUXTACORTICAL_MM",

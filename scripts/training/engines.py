@@ -3,12 +3,12 @@ diffusion loss, gradient clipping and resuming.
 
 A training iteration of the diffusion model, following the names used in ``bundle/configs/train.json``:
 
-1. ``DiffusionPrepareBatch`` turns a preprocessed batch (``cond``, ``label``, ``treatment``, ``horizon``) into the
-   noisy NET2 signal ``x_t`` at random timesteps, the regression target with its min-SNR weight, and the network's
-   keyword arguments (``timesteps``, ``cond``, ``treatment`` with classifier-free dropout to the null token,
-   ``horizon``);
+1. ``MaskDiffusionPrepareBatch`` turns a preprocessed batch (``cond``, ``label``, ``treatment``, ``horizon``) into
+   the noisy NET2 signal ``x_t`` at random timesteps, the target with its min-SNR and lesion weights, and the
+   network's keyword arguments (``timesteps``, ``cond``, ``treatment`` with classifier-free dropout to the null
+   token, ``horizon``);
 2. the trainer's ``SimpleInferer`` calls ``network(x_t, timesteps=..., cond=..., treatment=..., horizon=...)``;
-3. ``WeightedMSELoss`` compares the prediction with the target, weighting each sample;
+3. ``WeightedBCEWithLogitsLoss`` compares the predicted logits with the target mask, weighted;
 4. ``GradientClipHandler`` clips gradients between backward and the optimizer step; ignite's ``EMAHandler`` then
    updates the EMA weights that validation and inference use.
 
@@ -30,12 +30,12 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
-from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.engines.utils import DiffusionPrepareBatch, IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from scripts.constants import NULL_TREATMENT
-from scripts.files import atomic_path, remove_stale_temporaries
-from scripts.scheduler import ForecastScheduler, mask_to_signal
+from scripts.runtime.constants import NULL_TREATMENT
+from scripts.runtime.files import atomic_path, remove_stale_temporaries
+from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal
 
 logger = logging.getLogger(__name__)
 
@@ -73,53 +73,59 @@ class ConditionPrepareBatch(PrepareBatch):
         return cond, label, (), {"treatment": treatment, "horizon": horizon}
 
 
-class DiffusionPrepareBatch(PrepareBatch):
-    """Noise the NET2 mask at random timesteps and build the target, weight and network arguments.
+class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's ``DiffusionPrepareBatch`` for NET2 masks: noise the mask signal at random timesteps and hand the
+    network its conditions.
+
+    The hooks keep MONAI's meaning: ``get_noise`` (Gaussian) and ``get_timesteps`` (uniform over T) are inherited,
+    ``get_target`` is the clean mask signal (the binary cross-entropy of the logits turns it into 0/1) and
+    ``get_weights`` its min-SNR and lesion weights. A call returns ``(x_t, WeightedTarget, (), kwargs)`` with ``x_t``
+    the scheduler's input scaling of the noisy signal and ``kwargs`` the network's ``timesteps``, ``cond``,
+    ``treatment`` (dropped to the null token with probability ``treatment_dropout``, for classifier-free guidance)
+    and ``horizon``.
 
     Args:
         scheduler: the training noise scheduler.
-        treatment_dropout: probability of replacing the treatment by the null token (classifier-free guidance).
+        treatment_dropout: probability of replacing the treatment by the null token.
     """
 
     def __init__(self, scheduler: ForecastScheduler, treatment_dropout: float = 0.1) -> None:
+        super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
         self.scheduler = scheduler
         self.treatment_dropout = float(treatment_dropout)
 
-    def __call__(
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The clean mask signal {-1, +1}."""
+        return images
+
+    def get_weights(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Loss weight per sample (min-SNR) times per voxel (``lesion_weight`` on lesion voxels)."""
+        n = images.shape[0]
+        weight = self.scheduler.loss_weights(timesteps).to(images.dtype).reshape(n, *([1] * (images.ndim - 1)))
+        if self.scheduler.lesion_weight != 1.0:
+            weight = weight * self.scheduler.voxel_weights(images)
+        return weight
+
+    def __call__(  # type: ignore[override]
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, WeightedTarget, tuple, dict]:
         cond, treatment, horizon = _conditions(batchdata, device, non_blocking)
         x0 = mask_to_signal(_to(batchdata["label"], device, non_blocking).float())
-        n = x0.shape[0]
-        noise = torch.randn_like(x0)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=x0.device)
+        noise = self.get_noise(x0)
+        timesteps = self.get_timesteps(x0)
         x_t = self.scheduler.scale_model_input(self.scheduler.add_noise(x0, noise, timesteps), timesteps)
-        target = self.scheduler.training_target(x0, noise, timesteps)
-        weight = self.scheduler.loss_weights(timesteps).to(x0.dtype).reshape(n, *([1] * (x0.ndim - 1)))
-        if self.scheduler.lesion_weight != 1.0:
-            weight = weight * self.scheduler.voxel_weights(x0)
+        target = WeightedTarget(self.get_target(x0, noise, timesteps), self.get_weights(x0, timesteps))
         if self.treatment_dropout > 0:
-            dropped = torch.rand(n, device=x0.device) < self.treatment_dropout
+            dropped = torch.rand(x0.shape[0], device=x0.device) < self.treatment_dropout
             treatment = torch.where(dropped, torch.full_like(treatment, NULL_TREATMENT), treatment)
         kwargs_out = {"timesteps": timesteps, "cond": cond, "treatment": treatment, "horizon": horizon}
-        return x_t, WeightedTarget(target, weight), (), kwargs_out
-
-
-class WeightedMSELoss(torch.nn.Module):
-    """Mean of weight * squared error; ``target`` is a :class:`WeightedTarget` whose weight broadcasts."""
-
-    def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
-        error = (pred.float() - target.target.float()).pow(2)
-        return (target.weight.float() * error).mean()
+        return x_t, target, (), kwargs_out
 
 
 class WeightedBCEWithLogitsLoss(torch.nn.Module):
-    """Mean of weight * binary cross-entropy of mask logits against a {-1, +1} mask signal (``mask_logits``).
-
-    For a binary target it has the same minimiser as the squared x0 error, the posterior p(lesion), but its
-    gradient does not vanish when a confident logit is wrong.
-    """
+    """Mean of weight * binary cross-entropy of mask logits against a {-1, +1} mask signal; ``target`` is a
+    :class:`WeightedTarget` whose weight broadcasts."""
 
     def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
         labels = (target.target.float() > 0).float()
@@ -160,10 +166,10 @@ def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
 
 
 class AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` that writes a temporary file (:func:`scripts.files.atomic_path`), syncs it and renames it.
+    """ignite ``DiskSaver`` that writes a temporary file (:func:`~scripts.runtime.files.atomic_path`), syncs, renames.
 
     A run killed while saving leaves at most that hidden temporary file (removed by the next resume, see
-    :func:`scripts.files.remove_stale_temporaries`), never a half written checkpoint under a checkpoint's name.
+    :func:`scripts.runtime.files.remove_stale_temporaries`), never a half written checkpoint under a checkpoint's name.
     ``filename`` fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g. ``model.pt``).
     """
 

@@ -1,9 +1,9 @@
 """Networks: the treatment-conditioned spatio-temporal diffusion U-Net and its deterministic baseline.
 
 Both are MONAI ``DiffusionModelUNet`` s behind a patch embedding. The conditioning volume (past-visit MRI, lesion
-masks and availability indicators, :data:`scripts.constants.CONDITION_CHANNELS`) is concatenated with the noisy NET2
-signal along channels. The treatment arm (a learned embedding with an extra "no treatment" token) and the forecast
-horizon in weeks (a sinusoidal embedding and an MLP) are summed into one vector that MONAI's U-Net adds to its
+masks and availability indicators, :data:`~scripts.runtime.constants.CONDITION_CHANNELS`) is concatenated with the
+noisy NET2 signal along channels. The treatment arm (a learned embedding with an extra "no treatment" token) and the
+forecast horizon in weeks (a sinusoidal embedding and an MLP) are summed into one vector that MONAI's U-Net adds to its
 diffusion-time embedding, so both reach every residual block. That vector enters through the U-Net's
 class-embedding slot: the parent's ``forward`` runs unchanged, with ``class_labels`` carrying
 ``[treatment index, horizon weeks]`` per sample.
@@ -31,7 +31,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from scripts.constants import CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
+from scripts.runtime.constants import CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
 
 
 class TreatmentHorizonEmbedding(nn.Module):
@@ -114,9 +114,9 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
     * ``horizon``: (N,) float weeks from the most recent past visit to the forecast visit.
 
     The last ``patient_channels`` channels of ``cond`` are patient-level features, constant in space (the whole-volume
-    lesion load, :data:`scripts.constants.LOAD_CHANNELS`): their spatial mean joins the treatment and horizon in the
-    embedding, so every residual block of a training crop knows how active the whole brain was, also where the crop
-    holds no lesion.
+    lesion load, :data:`~scripts.runtime.constants.LOAD_CHANNELS`): their spatial mean joins the treatment and horizon
+    in the embedding, so every residual block of a training crop knows how active the whole brain was, also where the
+    crop holds no lesion.
 
     Returns the network's prediction (v, epsilon or x0, per the scheduler) with the shape of ``x``. Spatial sizes
     must be divisible by ``patch_size * 2 ** (len(channels) - 1)``. When ``cond`` is

@@ -14,30 +14,12 @@ The bundle configs compose the transforms in this order (``preprocessing`` of ``
 
 Everything before ``RandDropInputsd`` is deterministic, so a ``CacheDataset`` caches its output. Forecasts go back
 with :func:`to_reference_grid` (or :class:`ToReferenceGridd`) and are written with :func:`save_nifti`.
-
-Geometry: the bundle uses the NIfTI affines only (contract: all images of one case lie in one world space). Each
-image is resampled directly from its own (possibly oblique) voxel grid to the working grid, an axis-aligned RAS grid
-of ``spacing`` mm centred on the centroid of the reference image's foreground. MRI is anti-aliased with a Gaussian
-whose width matches the downsampling factor, then linearly interpolated; masks are interpolated linearly and
-thresholded at 0.5. Outside an image's field of view the working grid holds 0 (the normalised air level).
-
-Real data check (tests/test_data.py, LIT longitudinal MS database, patient01/raw): the ITK transforms there map
-points of the fixed space (LPS mm) to the moving raw image, x_raw = A (x - c) + c + t. Within one study they are
-near identities: over the head the T1W/T2W-to-FLAIR displacement is at most 0.8/1.6 mm (study 1) and 2.2 mm
-(study 2), under the 3 mm working voxel, so the raw images of one study are co-registered by their NIfTI affines
-alone (same scanner session) and need no resampling beforehand. Between studies (and to the archive's common space)
-the displacement reaches 10 mm: raw images of two visits are NOT in one world space and must be registered first,
-or the registration folded into their affines, before they form one case.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -48,219 +30,38 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, Randomizable, SpatialResample
 from scipy.ndimage import gaussian_filter
 
-from scripts.constants import (
+from scripts.runtime.constants import (
+    AVAILABLE_CHANNEL,
+    BINARY_KEYS,
     CONDITION_CHANNELS,
     DEFAULT_HORIZON_WEEKS,
     IMAGE_KEYS,
     LABEL_KEY,
-    LOAD_FEATURES,
-    MASK_KEYS,
+    LOAD_CHANNEL,
+    LOADED_KEYS,
     MRI_KEYS,
-    REFERENCE_KEY_PRIORITY,
+    VISIT0_KEYS,
+    VISIT1_MRI_KEYS,
+    VOLUME_CHANNEL,
     arm_index,
 )
-from scripts.errors import CaseError, DatalistError
-from scripts.files import atomic_path
-from scripts.lesions import count_lesions, voxel_volume_mm3
-
-__all__ = [
-    "LoadCased",
-    "CropWeightsFromInputsd",
-    "RandDropInputsd",
-    "ScaleForegroundPercentilesd",
-    "StackConditiond",
-    "ToReferenceGridd",
-    "ToWorkingGridd",
-    "fields_of_view_overlap",
-    "find_reference_key",
-    "foreground_mask",
-    "load_datalist",
-    "save_nifti",
-    "scale_foreground_percentiles",
-    "to_reference_grid",
-    "validate_case",
-    "working_affine",
-    "world_bounding_box",
-]
-
-LOADED_KEYS: tuple[str, ...] = IMAGE_KEYS + (LABEL_KEY,)
-"""Keys holding a NIfTI path in a datalist entry."""
-BINARY_KEYS: tuple[str, ...] = MASK_KEYS + (LABEL_KEY,)
-"""Keys holding binary masks (interpolated linearly, then thresholded at 0.5)."""
-VISIT1_MRI_KEYS: tuple[str, ...] = tuple(k for k in MRI_KEYS if k.endswith("_1"))
-VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
-# channel of each image key's volume and of its availability indicator in ``cond``
-VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
-AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
-LOAD_CHANNEL: dict[str, list[int]] = {k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES]
-                                      for k in MASK_KEYS}
+from scripts.runtime.datalist import find_reference_key
+from scripts.runtime.errors import CaseError
+from scripts.runtime.grids import (
+    describe_box,
+    fields_of_view_overlap,
+    snap_to_voxel_centre,
+    to_reference_grid,
+    working_affine,
+    world_bounding_box,
+)
+from scripts.runtime.lesions import count_lesions, voxel_volume_mm3
 
 
 def lesion_load(mask: torch.Tensor | np.ndarray, voxel_mm3: float) -> list[float]:
     """:data:`LOAD_FEATURES` of a binary mask: [log(1 + lesion count), log(1 + volume in mL)]."""
     m = np.asarray(mask) > 0.5
     return [math.log1p(count_lesions(m)), math.log1p(float(m.sum()) * voxel_mm3 / 1000.0)]
-
-
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {"training": ("treatment", LABEL_KEY), "validation": (LABEL_KEY,)}
-"""Keys every entry of a split must hold besides ``id`` and a visit-1 MRI (training learns from both; validation
-scores against the label). Forecasting (``testing``) needs neither."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Datalist
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def find_reference_key(case: Mapping[Hashable, Any]) -> str | None:
-    """The key whose grid is the case's reference grid: first present key of ``REFERENCE_KEY_PRIORITY``."""
-    return next((k for k in REFERENCE_KEY_PRIORITY if case.get(k) is not None), None)
-
-
-def validate_case(
-    case: Any,
-    base_dir: str | os.PathLike[str],
-    index: int = 0,
-    horizon_range: Sequence[float] | None = None,
-    required: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Check one datalist entry and return a normalised copy.
-
-    Null image keys are dropped, image paths become absolute (relative ones are resolved against ``base_dir``),
-    ``horizon_weeks`` is filled with its default. Other keys are kept unchanged.
-
-    Args:
-        case: the datalist entry.
-        base_dir: folder that relative image paths start from.
-        index: position of the entry (names a case without an id).
-        horizon_range: ``(low, high)`` weeks the model was trained on; a horizon outside is refused (None: any
-            positive horizon).
-        required: keys the entry must hold (e.g. ``treatment`` and ``label`` for training).
-
-    Raises:
-        CaseError: naming the case id (``#index`` when it has none), the offending key and the reason.
-    """
-    if not isinstance(case, Mapping):
-        raise CaseError(f"#{index}", "entry", f"expected a JSON object, got {type(case).__name__}")
-    case_id = case.get("id")
-    if case_id is None:
-        raise CaseError(f"#{index}", "id", "required key missing (a non-empty string naming the case)")
-    if not isinstance(case_id, str) or not case_id.strip():
-        raise CaseError(str(case_id), "id", "must be a non-empty string")
-    # the id names the case's output folder, so it must not escape or alias it
-    if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
-        raise CaseError(case_id, "id", "must be usable as a folder name (no '/', '\\', '.' or '..')")
-    for key in required:
-        if case.get(key) is None:
-            raise CaseError(case_id, key, "required key missing")
-    out: dict[str, Any] = {k: v for k, v in case.items() if k not in LOADED_KEYS}
-    for key in LOADED_KEYS:
-        value = case.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value:
-            raise CaseError(case_id, key, f"expected a file path, got {value!r}")
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else Path(base_dir) / path
-        if not path.is_file():
-            raise CaseError(case_id, key, f"file not found: {path}")
-        out[key] = os.path.normpath(path)
-    if find_reference_key(out) is None:
-        raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
-    treatment = case.get("treatment")
-    if treatment is None:
-        out.pop("treatment", None)
-    else:
-        try:
-            arm_index(treatment if isinstance(treatment, str) else repr(treatment))
-        except ValueError as err:
-            raise CaseError(case_id, "treatment", str(err)) from None
-    horizon = case.get("horizon_weeks")
-    if horizon is None:
-        horizon = DEFAULT_HORIZON_WEEKS
-    # bool is an int subclass in Python, but "true weeks" is certainly a mistake
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon <= 0:
-        raise CaseError(case_id, "horizon_weeks", f"must be a positive number of weeks, got {horizon!r}")
-    if horizon_range is not None:
-        low, high = (float(v) for v in horizon_range)
-        # the network has never seen other horizons: its forecast there is an extrapolation nobody validated
-        if not low <= float(horizon) <= high:
-            raise CaseError(case_id, "horizon_weeks",
-                            f"{horizon:g} weeks is outside the trained range [{low:g}, {high:g}] weeks")
-    out["horizon_weeks"] = float(horizon)
-    return out
-
-
-def _read_datalist(path: Path, split: str) -> list[Any]:
-    """The ``split`` list of the JSON datalist at ``path``; :class:`DatalistError` for any problem with the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatalistError(path, "file not found") from None
-    except UnicodeDecodeError as err:
-        raise DatalistError(path, f"not a JSON text file ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise DatalistError(path, f"cannot be read: {err.strerror or err}") from None
-    try:
-        datalist = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatalistError(path, f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
-    if not isinstance(datalist, dict):
-        raise DatalistError(path, f"expected a JSON object with a list {split!r}, got a {type(datalist).__name__}")
-    if split not in datalist:
-        found = ", ".join(repr(k) for k in datalist) or "none"
-        raise DatalistError(path, f"no list {split!r} in the datalist (top-level keys: {found})")
-    if not isinstance(datalist[split], list):
-        raise DatalistError(path, f"{split!r} must be a list of cases, got a {type(datalist[split]).__name__}")
-    return datalist[split]
-
-
-def load_datalist(
-    path: str | os.PathLike[str],
-    split: str,
-    errors: list[CaseError] | None = None,
-    horizon_range: Sequence[float] | None = None,
-    required: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Read the ``split`` list (``training``/``validation``/``testing``) of a JSON datalist and validate each case.
-
-    Relative image paths are resolved against the datalist file's folder (see :func:`validate_case`).
-
-    Args:
-        path: the datalist JSON file.
-        split: top-level list to read.
-        errors: when given, invalid cases are appended to it and skipped instead of raising, so a command can
-            process the good cases and report the bad ones.
-        horizon_range: trained ``(low, high)`` horizon in weeks; cases outside are invalid (None: no limit).
-        required: keys every entry must hold; None: :data:`REQUIRED_KEYS` of the split.
-
-    Raises:
-        DatalistError: the file is missing, not JSON or has no list ``split`` (a ValueError).
-        CaseError: for the first invalid case (unless ``errors`` is given).
-    """
-    path = Path(path)
-    entries = _read_datalist(path, split)
-    required = REQUIRED_KEYS.get(split, ()) if required is None else tuple(required)
-    cases: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for index, entry in enumerate(entries):
-        try:
-            case = validate_case(entry, path.parent, index, horizon_range=horizon_range, required=required)
-            if case["id"] in seen:
-                raise CaseError(case["id"], "id", f"duplicate id (entries #{seen[case['id']]} and #{index})")
-        except CaseError as err:
-            if errors is None:
-                raise
-            errors.append(err)
-            continue
-        seen[case["id"]] = index
-        cases.append(case)
-    return cases
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class LoadCased(LoadImaged):
@@ -322,8 +123,8 @@ class LoadCased(LoadImaged):
                                                                    ref_shape):
                 raise CaseError(
                     case_id, str(key),
-                    f"its field of view {_box_text(world_bounding_box(img.affine.numpy(), img.shape[1:]))} does not "
-                    f"overlap that of {reference_key} {_box_text(world_bounding_box(ref_affine, ref_shape))}: the "
+                    f"its field of view {describe_box(world_bounding_box(img.affine.numpy(), img.shape[1:]))} does not "
+                    f"overlap that of {reference_key} {describe_box(world_bounding_box(ref_affine, ref_shape))}: the "
                     "images of a case must lie in one world space (co-registered)",
                 )
         d["reference_key"] = reference_key
@@ -367,52 +168,6 @@ def _file_shape(path: Any, img: torch.Tensor) -> tuple[int, ...]:
         return tuple(int(s) for s in nib.load(str(path)).shape)
     except Exception:  # only for a message: fall back to the loaded shape
         return tuple(int(s) for s in img.shape)
-
-
-def world_bounding_box(affine: np.ndarray | torch.Tensor, shape: Sequence[int]) -> np.ndarray:
-    """World (mm) axis-aligned box ``[[x0, y0, z0], [x1, y1, z1]]`` around a grid's field of view (voxel edges)."""
-    corners = _grid_corners(shape)
-    world = corners @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine, dtype=np.float64)[:3, 3]
-    return np.stack([world.min(0), world.max(0)])
-
-
-def _grid_corners(shape: Sequence[int]) -> np.ndarray:
-    """The 8 corners ``(8, 3)`` of a grid's field of view in voxel coordinates (outer voxel edges)."""
-    return np.array(list(itertools.product(*[(-0.5, int(n) - 0.5) for n in list(shape)[:3]])), dtype=np.float64)
-
-
-def _overlaps_in_grid_of(affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray,
-                         shape_b: Sequence[int], tolerance: float) -> bool:
-    """Whether b's field of view, boxed in a's voxel axes, overlaps a's by more than ``tolerance`` voxels per axis."""
-    b_in_a = np.linalg.inv(np.asarray(affine_a, dtype=np.float64)) @ np.asarray(affine_b, dtype=np.float64)
-    corners = _grid_corners(shape_b) @ b_in_a[:3, :3].T + b_in_a[:3, 3]
-    low = np.maximum(corners.min(0), -0.5)
-    high = np.minimum(corners.max(0), np.asarray(list(shape_a)[:3], dtype=np.float64) - 0.5)
-    return bool(np.all(high - low > tolerance))
-
-
-def fields_of_view_overlap(affine_a: np.ndarray | torch.Tensor, shape_a: Sequence[int],
-                           affine_b: np.ndarray | torch.Tensor, shape_b: Sequence[int],
-                           tolerance: float = 1e-3) -> bool:
-    """Whether two grids' fields of view (parallelepipeds in world space) overlap.
-
-    Each box is tested in the other's voxel axes (the separating-axis test on both boxes' face normals): exact for
-    grids with parallel axes, and for oblique ones it may call boxes that only nearly touch overlapping, never the
-    reverse, so a co-registered case is never refused.
-    """
-    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
-    return (_overlaps_in_grid_of(a, shape_a, b, shape_b, tolerance)
-            and _overlaps_in_grid_of(b, shape_b, a, shape_a, tolerance))
-
-
-def _box_text(box: np.ndarray) -> str:
-    """A world box as ``[x0..x1, y0..y1, z0..z1] mm`` (one line)."""
-    return "[" + ", ".join(f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(box[0], box[1], strict=True)) + "] mm"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Intensities
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def foreground_mask(image: np.ndarray, fraction: float = 0.1, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
@@ -485,31 +240,6 @@ class ScaleForegroundPercentilesd(MapTransform):
             scaled = scale_foreground_percentiles(array, self.lower, self.upper, self.target, self.fraction, self.clip)
             d[key] = MetaTensor(torch.from_numpy(scaled), meta=img.meta) if isinstance(img, MetaTensor) else scaled
         return d
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Working grid
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def working_affine(centre_mm: Sequence[float], spatial_size: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
-    """RAS axis-aligned affine (float64 (4, 4)) of a ``spatial_size`` grid, ``spacing`` mm, centred at ``centre_mm``."""
-    spacing_ = np.asarray(spacing, dtype=np.float64)
-    affine = np.diag([*spacing_, 1.0])
-    affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - spacing_ * (np.asarray(spatial_size) - 1) / 2.0
-    return torch.from_numpy(affine)
-
-
-def snap_to_voxel_centre(point_mm: Sequence[float], affine: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The voxel centre of the grid ``affine`` nearest to ``point_mm``, when that grid is axis-aligned (any axis order
-    and flips); ``point_mm`` unchanged for an oblique grid."""
-    a = np.asarray(affine, dtype=np.float64)
-    point = np.asarray(point_mm, dtype=np.float64)
-    m = a[:3, :3]
-    if np.count_nonzero(np.abs(m) > 1e-6 * np.abs(m).max()) != 3:  # oblique: no common lattice
-        return point
-    voxel = np.linalg.solve(m, point - a[:3, 3])
-    return m @ np.rint(voxel) + a[:3, 3]
 
 
 def _foreground_centre_mm(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -601,11 +331,6 @@ class ToWorkingGridd(MapTransform):
             d[key] = out
         d["working_affine"] = dst_affine
         return d
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stacking
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -743,44 +468,6 @@ class RandDropInputsd(Randomizable, MapTransform):
         return d
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Back to the reference grid
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def to_reference_grid(
-    volume: torch.Tensor | np.ndarray,
-    working_affine: torch.Tensor | np.ndarray,
-    reference_affine: torch.Tensor | np.ndarray,
-    reference_shape: Sequence[int] | torch.Tensor | np.ndarray,
-    mode: str = "bilinear",
-    threshold: float | None = None,
-) -> np.ndarray:
-    """Resample a working-grid volume ``(C, *S)`` or ``(*S)`` onto the reference grid (float32 numpy).
-
-    The result has shape ``(C, *reference_shape)`` or ``reference_shape`` and lies on ``reference_affine`` (write it
-    with that affine). ``mode``: ``"bilinear"`` for probability maps; ``"nearest"`` for binary masks: it keeps each
-    working voxel's volume and the 26-connectivity of lesions, whereas linear-then-``threshold`` (0.5) gives smoother
-    borders but shrinks one-voxel lesions to a third and can split diagonal neighbours. ``threshold`` binarises the
-    interpolated result (``>= threshold``), e.g. a probability map at 0.5.
-    """
-    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
-    vol = vol.detach().cpu().float()
-    squeeze = vol.ndim == 3
-    if squeeze:
-        vol = vol[None]
-    if vol.ndim != 4:
-        raise ValueError(f"expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {tuple(vol.shape)}")
-    src = torch.as_tensor(np.asarray(working_affine, dtype=np.float64))
-    dst = torch.as_tensor(np.asarray(reference_affine, dtype=np.float64))
-    shape = [int(s) for s in np.asarray(reference_shape).reshape(-1)]
-    resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
-    out = np.asarray(resample(MetaTensor(vol, affine=src), dst_affine=dst, spatial_size=shape).as_tensor())
-    if threshold is not None:
-        out = (out >= threshold).astype(np.float32)
-    return out[0] if squeeze else out
-
-
 class ToReferenceGridd(MapTransform):
     """Post-processing: put ``keys`` (working-grid volumes of one sample) onto the sample's reference grid.
 
@@ -807,32 +494,3 @@ class ToReferenceGridd(MapTransform):
             )
             d[key] = MetaTensor(torch.from_numpy(out), affine=reference_affine.clone())
         return d
-
-
-def save_nifti(
-    array: torch.Tensor | np.ndarray,
-    affine: torch.Tensor | np.ndarray,
-    path: str | os.PathLike[str],
-    dtype: Any = np.float32,
-) -> Path:
-    """Write a 3D volume (a leading channel of 1 is dropped) as NIfTI with ``affine`` in sform and qform, atomically.
-
-    The file is written to a temporary name in the same folder and moved into place with ``os.replace``, so readers
-    never see a partial file and a failure leaves no file behind.
-    """
-    data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
-    if data.ndim == 4 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
-    affine_ = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    image = nib.Nifti1Image(data.astype(dtype), affine_)
-    image.header.set_sform(affine_, code=1)
-    image.header.set_qform(affine_, code=1)
-    image.header.set_xyzt_units("mm")
-    path = Path(path)
-    # keep the final suffix on the temporary name: nibabel picks gzip from ".gz"
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    with atomic_path(path, suffix=suffix) as tmp:
-        nib.save(image, tmp)
-    return path

@@ -27,7 +27,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scripts.analysis import effects_vs_placebo, summarize_arm
-from scripts.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
-from scripts.data import load_datalist, save_nifti, to_reference_grid
-from scripts.errors import CaseError, ForecastFailed, InputError, find_case_error
-from scripts.files import atomic_path, move_into_place, remove_stale_temporaries, staging_folder
-from scripts.lesions import describe_lesions
-from scripts.regions import REGIONS, brain_restriction, region_map
-from scripts.reports import forecast_figure
+from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
+from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
+from scripts.runtime.datalist import CaseDataset
+from scripts.runtime.errors import CaseError, ForecastFailed, InputError, find_case_error
+from scripts.runtime.figures import forecast_figure
+from scripts.runtime.files import atomic_path, move_into_place, remove_stale_temporaries, staging_folder
+from scripts.runtime.grids import to_reference_grid
+from scripts.runtime.io import save_nifti
+from scripts.runtime.lesions import describe_lesions
+from scripts.runtime.regions import REGIONS, brain_restriction, region_map
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,30 @@ SUMMARY_FIELDS = (
     "expected_volume_mm3", "mask_lesions", "count_ratio_vs_placebo", "count_difference_vs_placebo",
     "p_active_difference_vs_placebo",
 )
+
+
+@dataclass(frozen=True)
+class CaseForecast:
+    """One forecast case as the runner hands it to its listeners, before the case folder is moved into place."""
+
+    case: Mapping[str, Any]
+    """The datalist entry (validated, paths resolved)."""
+    data: Mapping[str, Any]
+    """The preprocessed case: ``cond``, ``horizon``, ``working_affine``, ``reference_affine``, ``reference_shape``."""
+    samples: np.ndarray
+    """Binary samples (A, K, *working grid), arms in ``forecast["arms"]`` order, brain restriction applied."""
+    forecast: Mapping[str, Any]
+    """The content of ``forecast.json``."""
+    probs: Mapping[str, np.ndarray]
+    """Arm -> voxel probability on the reference grid."""
+    regions: np.ndarray
+    """Region map of the case (working grid, codes of :data:`scripts.runtime.regions.REGIONS`)."""
+    allowed: np.ndarray | None
+    """The brain restriction applied to the samples (working grid); None when none was."""
+
+
+CaseListener = Callable[[CaseForecast], None]
+"""Called by :meth:`ForecastRunner.run` for every forecast case; one that raises fails the case."""
 
 
 def display_channel(cond: np.ndarray) -> tuple[str, np.ndarray]:
@@ -66,52 +93,38 @@ class ForecastRunner:
     """Forecast every case of a datalist split under every requested arm and write the contract's outputs.
 
     Args:
-        datalist: datalist JSON path.
+        dataset: the cases (:class:`scripts.runtime.datalist.CaseDataset`): its ``data`` are the valid datalist
+            entries, its ``transform`` turns one into a dict with ``cond``, ``horizon``, ``working_affine``,
+            ``reference_affine``, ``reference_shape``, its ``errors`` the invalid entries (reported as failed cases).
         output_dir: output folder ``O``; each case goes to ``O/<id>``.
-        preprocessing: callable turning a datalist entry into a dict with ``cond``, ``horizon``, ``working_affine``,
-            ``reference_affine``, ``reference_shape``.
         network: the trained diffusion network (weights loaded).
-        inferer: a :class:`scripts.inferer.ForecastInferer`.
+        inferer: a :class:`scripts.runtime.inferer.ForecastInferer`.
         arms: arm names to forecast (default: all six).
         num_samples: overrides the inferer's K when given.
-        split: datalist list to forecast (default ``testing``).
         device: torch device.
         overwrite: re-forecast cases whose ``O/<id>/forecast.json`` exists (default: skip them).
         figure: write ``forecast.png``.
-        horizon_range: ``(low, high)`` weeks the network was trained on; cases asking for another horizon fail
-            (None: no limit).
-        case_hooks: callables run for every forecast case before its folder is moved into place, with keyword
-            arguments ``case`` (datalist entry), ``data`` (preprocessed), ``samples`` (binary (A, K, *working grid)),
-            ``forecast`` (``forecast.json`` content), ``probs`` (arm -> probability on the reference grid) and
-            ``regions`` (region map, working grid) and ``allowed`` (the brain restriction applied to the samples,
-            working grid; None when none was); e.g. :class:`scripts.evaluation.Evaluator`. A hook that raises
-            fails the case.
         brain_margin: forecast voxels farther than this many voxels outside the brain found in the case's own images
-            (:func:`scripts.regions.brain_restriction`) are removed from every sample before anything is counted
+            (:func:`scripts.runtime.regions.brain_restriction`) are removed from every sample before anything is counted
             (NET2 lesions are brain lesions); None keeps the samples as drawn. Cases where no brain is found keep
             theirs (logged).
     """
 
     def __init__(
         self,
-        datalist: str | os.PathLike,
+        dataset: CaseDataset,
         output_dir: str | os.PathLike,
-        preprocessing: Callable[[dict], dict],
         network: torch.nn.Module,
         inferer: Any,
         arms: Sequence[str] | None = None,
         num_samples: int | None = None,
-        split: str = "testing",
         device: str | torch.device = "cpu",
         overwrite: bool = False,
         figure: bool = True,
-        horizon_range: Sequence[float] | None = None,
-        case_hooks: Sequence[Callable[..., Any]] | None = None,
         brain_margin: int | None = 1,
     ) -> None:
-        self.datalist = datalist
+        self.dataset = dataset
         self.output_dir = Path(output_dir)
-        self.preprocessing = preprocessing
         self.network = network
         self.inferer = inferer
         self.arms = list(ARMS if arms is None else arms)
@@ -124,38 +137,41 @@ class ForecastRunner:
             raise InputError("treatments: no treatment arm to forecast")
         if num_samples is not None:
             self.inferer.num_samples = int(num_samples)
-        self.split = split
         self.device = torch.device(device)
         self.overwrite = overwrite
         self.figure = figure
-        if horizon_range is not None:
-            low, high = (float(v) for v in horizon_range)
-            if not 0 < low <= high:
-                raise ValueError(f"horizon_range must be (low, high) with 0 < low <= high, got {horizon_range!r}")
-            horizon_range = (low, high)
-        self.horizon_range = horizon_range
-        self.case_hooks = list(case_hooks or [])
         if brain_margin is not None and int(brain_margin) < 0:
             raise ValueError(f"brain_margin must be >= 0 or None, got {brain_margin!r}")
         self.brain_margin = None if brain_margin is None else int(brain_margin)
-        self.skip_ids: set[str] = set()  # cases not to forecast, e.g. those a resumed evaluation already scored
 
-    def run(self) -> list[dict[str, Any]]:
+    def settings(self) -> dict[str, Any]:
+        """What the forecasts depend on besides the weights and the cases: arms, K, steps, guidance, seed, and
+        ``overwrite`` (False: cases already forecast are skipped)."""
+        return {"arms": list(self.arms), **self.inferer.settings(), "overwrite": bool(self.overwrite)}
+
+    def run(self, listeners: Sequence[CaseListener] = (), skip_ids: Collection[str] = ()) -> list[dict[str, Any]]:
         """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
-        case failed."""
-        errors: list[CaseError] = []
-        cases = load_datalist(self.datalist, self.split, errors=errors, horizon_range=self.horizon_range)
+        case failed.
+
+        Args:
+            listeners: called with each forecast case's :class:`CaseForecast` (e.g. the evaluation, which so sees
+                the samples without them being saved).
+            skip_ids: cases not to forecast (e.g. those a resumed evaluation already scored).
+        """
+        errors: list[CaseError] = list(self.dataset.errors)
+        cases = self.dataset.data
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_temporaries(self.output_dir):
             logger.info("removed %s, left by an interrupted run", stale)
         self.network.eval()
         logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
-                    self.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
+                    self.dataset.datalist, len(self.arms), self.inferer.num_samples,
+                    self.output_dir)
         rows: list[dict[str, Any]] = []
         for case in tqdm(cases, desc="cases", unit="case"):
             case_id = str(case["id"])
             done = self.output_dir / case_id / "forecast.json"
-            if case_id in self.skip_ids:
+            if case_id in skip_ids:
                 logger.info("case %s: skipped (already done by an earlier run)", case_id)
                 if done.is_file():
                     rows.extend(summary_rows(json.loads(done.read_text())))
@@ -165,7 +181,7 @@ class ForecastRunner:
                 rows.extend(summary_rows(json.loads(done.read_text())))
                 continue
             try:
-                forecast = self.forecast_case(case)
+                forecast = self.forecast_case(case, listeners)
             except Exception as err:  # one bad case must not stop the others
                 case_error = find_case_error(err)
                 if case_error is None:
@@ -182,11 +198,11 @@ class ForecastRunner:
         return rows
 
     @torch.no_grad()
-    def forecast_case(self, case: dict) -> dict[str, Any]:
-        """Forecast one case and write its outputs; returns the content of its ``forecast.json``."""
+    def forecast_case(self, case: dict, listeners: Sequence[CaseListener] = ()) -> dict[str, Any]:
+        """Forecast one case, hand it to the ``listeners`` and write its outputs; returns its ``forecast.json``."""
         case_id = str(case["id"])
         start = time.perf_counter()
-        data = self.preprocessing(dict(case))
+        data = self.dataset.transform(dict(case))
         cond = torch.as_tensor(data["cond"]).float()
         horizon = float(torch.as_tensor(data["horizon"]))
         working_affine = np.asarray(data["working_affine"], dtype=np.float64)
@@ -224,7 +240,7 @@ class ForecastRunner:
                 probs_working[arm] = prob_working
                 prob = np.clip(to_reference_grid(prob_working, working_affine, reference_affine, reference_shape,
                                                  mode="bilinear"), 0.0, 1.0).astype(np.float32)
-                if self.case_hooks:  # kept only for the hooks: reference grids can be large
+                if listeners:  # kept only for the listeners: reference grids can be large
                     probs_reference[arm] = prob
                 mask = (prob >= 0.5).astype(np.uint8)
                 lesions = describe_lesions(mask, reference_affine, prob=prob)
@@ -255,10 +271,10 @@ class ForecastRunner:
                                 title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
                                 mri_name=mri_key, voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
                                 affine=working_affine)
-            # hooks (the evaluation) see the samples without them being saved
-            for hook in self.case_hooks:
-                hook(case=case, data=data, samples=samples, forecast=forecast, probs=probs_reference, regions=regions,
-                     allowed=allowed)
+            if listeners:
+                result = CaseForecast(case, data, samples, forecast, probs_reference, regions, allowed)
+                for listener in listeners:
+                    listener(result)
             (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))
             move_into_place(staging, self.output_dir / case_id)
         except BaseException:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-from scripts.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm_index
-from scripts.sampler import ForecastSampler
-from scripts.scheduler import ForecastScheduler
+from scripts.runtime.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm_index
+from scripts.runtime.sampler import ForecastSampler
+from scripts.runtime.scheduler import ForecastScheduler
 
 
 class ForecastInferer(Inferer):
@@ -31,7 +31,8 @@ class ForecastInferer(Inferer):
         arms: arm names to forecast every case under; None forecasts the ``treatment`` passed at call time.
         seed: seed of the starting noise (None: torch's global generator).
         progress: progress bar over denoising steps.
-        channels_last, precision, compile, reuse_memory: speed switches of :class:`scripts.sampler.ForecastSampler`.
+        channels_last, precision, compile, reuse_memory: speed switches of
+            :class:`~scripts.runtime.sampler.ForecastSampler`.
 
     Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None)`` with ``inputs`` the (B, C, *spatial)
     conditioning volumes. Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
@@ -60,6 +61,11 @@ class ForecastInferer(Inferer):
         self.num_samples = int(num_samples)
         self.arms = list(arms) if arms is not None else None
         self.seed = seed
+
+    def settings(self) -> dict[str, Any]:
+        """What its samples depend on besides the network and the input: K, steps, guidance and seed."""
+        return {"num_samples": self.num_samples, "seed": self.seed,
+                "num_inference_steps": self.sampler.num_inference_steps, "guidance_scale": self.sampler.guidance_scale}
 
     def __call__(  # type: ignore[override]
         self,

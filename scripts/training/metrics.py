@@ -19,14 +19,16 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import fire
 import numpy as np
 import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.bundle import ConfigParser
 
-from scripts.data import load_datalist
-from scripts.files import write_text_atomic
-from scripts.lesions import count_lesions, dice, load_mask
+from scripts.runtime.datalist import load_datalist
+from scripts.runtime.files import write_text_atomic
+from scripts.runtime.lesions import count_lesions, dice, load_mask
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -126,7 +128,7 @@ class ForecastDice(_CaseMean):
 def reference_scores(datalist: str | os.PathLike, split: str = "validation",
                      transform: Callable[[dict], dict] | None = None) -> dict[str, dict[str, float]]:
     """The validation metrics of two reference forecasters on a split's labelled cases, as ``{metric: {name: score}}``
-    (the ``references`` of :func:`scripts.reports.training_curves`).
+    (the ``references`` of :func:`scripts.tools.curves.training_curves`).
 
     ``empty forecast``: no lesion ever (its CRPS is its absolute error). ``oracle``: Poisson(the generator's true
     expected count under the factual arm), where the synthetic cohort's truth files (``truth/<id>.json`` beside the
@@ -164,7 +166,7 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
 
 
 def main() -> None:
-    import fire
+    """``python -m scripts.training.metrics references --datalist D``: the reference scores of a split."""
 
     def references(datalist: str, split: str = "validation", config_file: str | None = None,
                    out: str | None = None) -> None:
@@ -172,8 +174,6 @@ def main() -> None:
         bundle/configs/train.json) the labels go through its ``validate#preprocessing`` first."""
         transform = None
         if config_file:
-            from monai.bundle import ConfigParser
-
             parser = ConfigParser()
             parser.read_config(config_file)
             parser["datalist"] = datalist

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scripts.constants import NULL_TREATMENT
-from scripts.scheduler import ForecastScheduler, signal_to_mask
+from scripts.runtime.constants import NULL_TREATMENT
+from scripts.runtime.scheduler import ForecastScheduler, signal_to_mask
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

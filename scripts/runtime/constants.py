@@ -60,3 +60,15 @@ def arm_index(name: str | None) -> int:
         return ARMS.index(str(name))
     except ValueError:
         raise ValueError(f"unknown treatment {name!r}; valid arms are: {', '.join(ARMS)}") from None
+
+LOADED_KEYS: tuple[str, ...] = IMAGE_KEYS + (LABEL_KEY,)
+"""Keys holding a NIfTI path in a datalist entry."""
+BINARY_KEYS: tuple[str, ...] = MASK_KEYS + (LABEL_KEY,)
+"""Keys holding binary masks (interpolated linearly, then thresholded at 0.5)."""
+VISIT1_MRI_KEYS: tuple[str, ...] = tuple(k for k in MRI_KEYS if k.endswith("_1"))
+VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
+# channel of each image key's volume and of its availability indicator in ``cond``
+VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
+AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
+LOAD_CHANNEL: dict[str, list[int]] = {k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES]
+                                      for k in MASK_KEYS}
