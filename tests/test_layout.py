@@ -19,7 +19,8 @@ LAYERS: tuple[str, ...] = (
     # tools
     "tools.export", "tools.package", "tools.curves",
     # the bench: synthetic cohort, evaluation, benchmark
-    "bench.synthetic.config", "bench.synthetic.anatomy", "bench.synthetic.disease", "bench.synthetic.mri",
+    "bench.synthetic.config", "bench.synthetic.anatomy", "bench.synthetic.disease", "bench.synthetic.oracle",
+    "bench.synthetic.mri",
     "bench.synthetic.case", "bench.synthetic.cohort",
     "bench.evaluation.conventions", "bench.evaluation.scores", "bench.evaluation.summary", "bench.evaluation.store",
     "bench.evaluation.report", "bench.evaluation.plots", "bench.evaluation.baselines", "bench.evaluation.evaluator",

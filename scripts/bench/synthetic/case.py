@@ -15,6 +15,7 @@ from scripts.bench.synthetic.anatomy import Anatomy, Grid, as_triple, build_anat
 from scripts.bench.synthetic.config import GENERATOR_VERSION, TISSUE_LABELS, VISIT_INTERVAL_WEEKS, CohortConfig
 from scripts.bench.synthetic.disease import Lesion, LesionPlacer, lesion_maps, patient_efficacy
 from scripts.bench.synthetic.mri import synthesize_mri
+from scripts.bench.synthetic.oracle import coverage_map, draw_outcomes
 from scripts.runtime.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES, VISITS
 from scripts.runtime.lesions import count_lesions
 
@@ -31,6 +32,8 @@ class SyntheticCase:
     treatment: str
     horizon_weeks: float
     truth: dict[str, Any] = field(default_factory=dict)
+    location_oracle: np.ndarray | None = None  # c(v): P(NET2 at v | arm) = (1 - e_p(arm)) c(v), see oracle.py
+    outcome_frequency: dict[str, np.ndarray] | None = None  # arm -> share of independent outcome draws with NET2 at v
 
 
 def case_id_of(index: int) -> str:
@@ -255,19 +258,24 @@ def generate_case(
     horizon_weeks: float | Sequence[float] = 24.0,
     config: CohortConfig | None = None,
     treatment: str | None = None,
+    oracle_draws: int = 0,
+    outcome_draws: int = 0,
 ) -> SyntheticCase:
     """Generate one patient from ``SeedSequence([seed, case_index])`` (independent of the cohort size).
 
     ``treatment`` forces the factual arm (else drawn uniformly, as in a randomized trial); forcing it changes
-    nothing but the factual label, because every random stream is separate.
+    nothing but the factual label, because every random stream is separate. ``oracle_draws`` > 0 adds the location
+    oracle (:func:`scripts.bench.synthetic.oracle.coverage_map`, that many Monte-Carlo sequences) and
+    ``outcome_draws`` > 0 that many independent outcome draws (:func:`scripts.bench.synthetic.oracle.draw_outcomes`),
+    each from a stream of its own, so neither changes anything else of the case.
     """
     cfg = config or CohortConfig()
     shape3 = as_triple(shape, int, "shape")
     spacing3 = as_triple(spacing, float, "spacing")
     arm_eff = cfg.arm_efficacy()
     # Independent streams, so e.g. the grid (which changes lesion placement) never changes the patient draws.
-    s_patient, s_anatomy, s_lesions, s_imaging, s_arm, s_horizon = (
-        np.random.default_rng(s) for s in np.random.SeedSequence([seed, case_index]).spawn(6)
+    s_patient, s_anatomy, s_lesions, s_imaging, s_arm, s_horizon, s_oracle, s_outcomes = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, case_index]).spawn(8)
     )
     case_id = case_id_of(case_index)
     horizons = horizon_choices(horizon_weeks)
@@ -284,7 +292,20 @@ def generate_case(
     images = render_visits(s_imaging, grid, anatomy, history, head_offset)
     truth = case_truth(case_id, seed, case_index, treatment, horizon, patient, grid, anatomy, history, kept, images,
                        arm_eff)
-    return SyntheticCase(case_id, grid, images, counterfactual, anatomy.tissue, treatment, horizon, truth)
+    case = SyntheticCase(case_id, grid, images, counterfactual, anatomy.tissue, treatment, horizon, truth)
+    prior, recent = history.t2_1.reshape(shape3), history.net2_1.reshape(shape3)
+    keep = {arm: 1.0 - patient.efficacy[arm] for arm in ARMS}
+    if oracle_draws > 0:
+        case.location_oracle = coverage_map(LesionPlacer(grid, anatomy, cfg, s_oracle), prior, recent,
+                                            patient.lam_future, cfg.enlarging_fraction, int(oracle_draws))
+        truth["location_oracle"] = {"draws": int(oracle_draws), "keep_probability": keep}
+    if outcome_draws > 0:
+        outcomes = draw_outcomes(LesionPlacer(grid, anatomy, cfg, s_outcomes), prior, recent, patient.lam_future,
+                                 cfg.enlarging_fraction, keep, int(outcome_draws))
+        case.outcome_frequency = {arm: masks.mean(0, dtype=np.float64).astype(np.float32)
+                                  for arm, masks in outcomes.items()}
+        truth["outcome_draws"] = {"draws": int(outcome_draws), "arms": list(ARMS)}
+    return case
 
 
 def case_truth(case_id: str, seed: int, case_index: int, treatment: str, horizon: float, patient: PatientDraws,

@@ -76,6 +76,13 @@ def write_case(case: SyntheticCase, out: str | os.PathLike) -> dict[str, Any]:
     truth["counterfactual_labels"] = labels
     truth["tissue"] = f"truth/{cid}_tissue.nii.gz"
     truth["images"] = {k: entry[k] for k in IMAGE_KEYS}
+    if case.location_oracle is not None:
+        save_nifti(case.location_oracle, affine, truth_dir / f"{cid}_location_oracle.nii.gz", np.float32)
+        truth["location_oracle"] = {**truth["location_oracle"], "map": f"truth/{cid}_location_oracle.nii.gz"}
+    if case.outcome_frequency is not None:
+        frequency = np.stack([case.outcome_frequency[arm] for arm in ARMS], -1)
+        save_nifti(frequency, affine, truth_dir / f"{cid}_outcome_frequency.nii.gz", np.float32, volumes_last=True)
+        truth["outcome_draws"] = {**truth["outcome_draws"], "frequency": f"truth/{cid}_outcome_frequency.nii.gz"}
     _write_json(truth_dir / f"{cid}.json", truth)
     entry["treatment"] = case.treatment
     entry["horizon_weeks"] = as_number(case.horizon_weeks)
@@ -112,8 +119,11 @@ def generate_cohort(
     workers: int = 1,
     config: CohortConfig | None = None,
     progress: bool = True,
+    oracle_draws: int = 0,
+    outcome_draws: int = 0,
 ) -> Path:
-    """Generate ``n`` cases into ``out`` and return the path of ``out/datalist.json`` (written last)."""
+    """Generate ``n`` cases into ``out`` and return the path of ``out/datalist.json`` (written last); with
+    ``oracle_draws`` / ``outcome_draws`` > 0 every case also gets its location oracle / outcome frequencies."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     cfg = config or CohortConfig()
@@ -123,6 +133,8 @@ def generate_cohort(
         "shape": as_triple(shape, int, "shape"),
         "spacing": as_triple(spacing, float, "spacing"),
         "horizon_weeks": horizon_choices(horizon_weeks),
+        "oracle_draws": int(oracle_draws),
+        "outcome_draws": int(outcome_draws),
     }
     logger.info(
         "generating %d synthetic cases into %s (seed %d, grid %s at %s mm, horizon %s weeks, %d worker(s))",
@@ -148,7 +160,8 @@ def generate_cohort(
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "n": n,
-        **{k: list(v) for k, v in grid_kw.items()},
+        **{k: list(v) for k, v in grid_kw.items() if k not in ("oracle_draws", "outcome_draws")},
+        **{k: grid_kw[k] for k in ("oracle_draws", "outcome_draws") if grid_kw[k] > 0},
         "split": list(split),
         "config": {k: (dict(v) if k == "efficacy" else v) for k, v in asdict(cfg).items()},
         "tissue_labels": {str(k): v for k, v in TISSUE_LABELS.items()},
@@ -257,6 +270,8 @@ def main(
     activity_shape: float = CohortConfig.activity_shape,
     progress: bool = True,
     log_level: str = "INFO",
+    oracle_draws: int = 0,
+    outcome_draws: int = 0,
 ) -> str:
     """Write a synthetic cohort: ``python -m scripts.synthetic --out DIR --n N --seed S``.
 
@@ -273,6 +288,8 @@ def main(
         activity_shape: gamma shape of patient activity (smaller: more overdispersed).
         progress: show a progress bar.
         log_level: logging level.
+        oracle_draws: Monte-Carlo sequences of the location oracle (``truth/<id>_location_oracle.nii.gz``; 0: none).
+        outcome_draws: independent outcome draws per case (``truth/<id>_outcome_frequency.nii.gz``; 0: none).
     """
     logging.basicConfig(
         level=getattr(logging, str(log_level).upper(), logging.INFO),
@@ -290,5 +307,7 @@ def main(
         workers=int(workers),
         config=cfg,
         progress=progress,
+        oracle_draws=int(oracle_draws),
+        outcome_draws=int(outcome_draws),
     )
     return str(path)

@@ -44,6 +44,18 @@ class Lesion:
     parent: int | None = None  # for enlargements: index of the prior lesion (component) that grew
 
 
+@dataclass(frozen=True)
+class PlacementContext:
+    """The geometry of the prior lesions that event placement needs (flat over the grid's voxels)."""
+
+    prior: np.ndarray  # bool: prior lesion voxels
+    components: np.ndarray  # int: 26-connected component of each prior voxel (0 elsewhere)
+    n_prior: int
+    blocked_new: np.ndarray  # bool: the prior lesions dilated by one voxel (new lesions may not touch them)
+    near: np.ndarray | None  # candidate voxels near (but not touching) a prior lesion
+    parent_weights: np.ndarray | None  # probability of each prior component to be an enlargement's parent
+
+
 _NEIGHBOURS6 = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 
 
@@ -217,40 +229,48 @@ class LesionPlacer:
         return lesions
 
     # -- non-touching events ---------------------------------------------------------------------------------
+    def prepare(self, prior_mask: np.ndarray, recent_mask: np.ndarray | None = None) -> PlacementContext:
+        """What placing events next to ``prior_mask`` needs (no random draws): reuse it for many placements."""
+        prior = prior_mask.ravel()
+        components, n_prior = label_lesions(prior_mask)
+        components = components.ravel()
+        blocked_new = ndimage.binary_dilation(prior_mask, CONNECTIVITY_26).ravel()
+        near = None
+        parent_weights = None
+        if n_prior:
+            dist = ndimage.distance_transform_edt(~prior_mask, sampling=self.grid.spacing).ravel()
+            near = self.candidates["any"]  # white matter (supra- and infratentorial) and deep grey matter
+            near = near[(dist[near] > 1.01 * self.spacing.max()) & (dist[near] <= 15.0)]
+            # Enlargement parents: prior components, bigger and recent lesions more likely to grow.
+            sizes = np.bincount(components, minlength=n_prior + 1)[1:].astype(float)
+            parent_weights = np.sqrt(sizes)
+            if recent_mask is not None and recent_mask.any():
+                recent_ids = np.unique(components[recent_mask.ravel() & prior])
+                parent_weights[recent_ids[recent_ids > 0] - 1] *= 3.0
+            parent_weights /= parent_weights.sum()
+        return PlacementContext(prior, components, n_prior, blocked_new, near, parent_weights)
+
     def place_events(
         self,
         kinds: Sequence[str],
         prior_mask: np.ndarray,
         recent_mask: np.ndarray | None = None,
         new_volume: tuple[float, float] | None = None,
+        context: PlacementContext | None = None,
     ) -> list[Lesion]:
         """Place events (``"new"`` or ``"enlarging"``) that touch neither each other nor, for new lesions, any
         prior lesion; an enlargement is the newly grown, connected voxels next to one prior lesion.
 
         Every event is a single 26-connected component of >= 1 voxel, and no two events are 26-adjacent, so the
-        connected components of the union of any subset of the events equal that subset's size.
+        connected components of the union of any subset of the events equal that subset's size. ``context``
+        (:meth:`prepare` of the same masks) saves recomputing the masks' geometry.
         """
         cfg = self.config
-        prior = prior_mask.ravel()
-        prior_components, n_prior = label_lesions(prior_mask)
-        prior_components = prior_components.ravel()
-        # new lesions must not touch old ones
-        blocked_new = ndimage.binary_dilation(prior_mask, CONNECTIVITY_26).ravel()
+        ctx = context or self.prepare(prior_mask, recent_mask)
+        prior, prior_components, n_prior = ctx.prior, ctx.components, ctx.n_prior
+        near, parent_weights = ctx.near, ctx.parent_weights
+        blocked_new = ctx.blocked_new.copy()  # new lesions must not touch old ones
         blocked_rim = np.zeros(prior.size, bool)  # enlargements must not touch other events
-        near = None
-        if n_prior:
-            dist = ndimage.distance_transform_edt(~prior_mask, sampling=self.grid.spacing).ravel()
-            near = self.candidates["any"]  # white matter (supra- and infratentorial) and deep grey matter
-            near = near[(dist[near] > 1.01 * self.spacing.max()) & (dist[near] <= 15.0)]
-        # Enlargement parents: prior components, bigger and recent lesions more likely to grow.
-        parent_weights = None
-        if n_prior:
-            sizes = np.bincount(prior_components, minlength=n_prior + 1)[1:].astype(float)
-            parent_weights = np.sqrt(sizes)
-            if recent_mask is not None and recent_mask.any():
-                recent_ids = np.unique(prior_components[recent_mask.ravel() & prior])
-                parent_weights[recent_ids[recent_ids > 0] - 1] *= 3.0
-            parent_weights /= parent_weights.sum()
         med, sig = new_volume or (cfg.new_volume_median_mm3, cfg.new_volume_sigma)
         events: list[Lesion] = []
         for kind in kinds:
