@@ -31,6 +31,7 @@ from scripts.bench.evaluation.scores import (
     ranking_agreement,
 )
 from scripts.bench.evaluation.summary import pooled_detection
+from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import CONDITION_CHANNELS
 from scripts.runtime.datalist import load_datalist
@@ -436,3 +437,69 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["settings"]["cases_resumed"] == len(testing)
     assert resumed["overall"] == metrics["overall"] and resumed["baselines"] == metrics["baselines"]
+
+
+# ---- location metrics (known answers on hand-built maps) ----
+
+
+def test_voxel_average_precision_known_answers() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from scripts.bench.evaluation.scores import voxel_average_precision
+
+    truth = np.array([1, 0, 1, 0, 0], float)
+    assert voxel_average_precision(np.array([0.9, 0.1, 0.8, 0.2, 0.0]), truth) == 1.0
+    # ranking: positive, negative, positive -> precision 1 at the first and 2/3 at the second positive
+    assert voxel_average_precision(np.array([0.9, 0.8, 0.7, 0.0, 0.0]), truth) == pytest.approx((1 + 2 / 3) / 2)
+    assert voxel_average_precision(np.full(5, 0.3), np.zeros(5)) is None
+    # a fractional target equals the AP of its draws pooled: four draws, voxel 0 NET2 in one of them, voxel 1 in all
+    prob, share = np.array([0.9, 0.5, 0.2]), np.array([0.25, 1.0, 0.0])
+    pooled = average_precision_score([1, 0, 0, 0] + [1] * 4 + [0] * 4, [0.9] * 4 + [0.5] * 4 + [0.2] * 4)
+    assert pooled == pytest.approx(0.2 * 0.25 + 0.8 * 5 / 8)
+    assert voxel_average_precision(prob, share) == pytest.approx(pooled)
+    where = np.array([True, False, True])
+    assert voxel_average_precision(prob, share, where) == pytest.approx(0.25)  # 1 of the 4 draws at the top score
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        voxel_average_precision(prob, np.array([2.0, 0.0, 0.0]))
+
+
+def test_mean_log_likelihood_mass_share_and_lesion_sizes() -> None:
+    from scripts.bench.evaluation.scores import PROBABILITY_CLIP, lesion_sizes, mass_share, mean_log_likelihood
+
+    prob, target = np.array([0.5, 0.1]), np.array([1.0, 0.0])
+    assert mean_log_likelihood(prob, target) == pytest.approx((np.log(0.5) + np.log(0.9)) / 2)
+    assert mean_log_likelihood(np.array([0.0]), np.array([1.0])) == pytest.approx(np.log(PROBABILITY_CLIP))
+    assert mean_log_likelihood(np.array([0.2]), np.array([0.5])) == pytest.approx(0.5 * np.log(0.2) + 0.5 * np.log(0.8))
+    assert mean_log_likelihood(prob, target, np.zeros(2, bool)) is None
+    assert mass_share(np.array([0.1, 0.3, 0.0]), np.array([True, False, True])) == pytest.approx(0.25)
+    assert mass_share(np.zeros(3), np.ones(3, bool)) is None
+    a = np.zeros((6, 6, 6), bool)
+    a[0, 0, 0] = True  # one voxel
+    a[3, 3, 3] = a[4, 4, 4] = a[4, 4, 5] = a[5, 5, 5] = True  # four voxels, 26-connected
+    sizes = lesion_sizes([a, np.zeros_like(a)])
+    assert sizes == {"lesions": 2, "median_voxels": 2.5, "mean_voxels": 2.5, "single_voxel_share": 0.5}
+    assert lesion_sizes([np.zeros_like(a)])["median_voxels"] is None
+
+
+def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
+    """With the location oracle and outcome draws in the cohort: a perfect map has AP 1 against the truth and no
+    mass outside the parenchyma, the oracle joins the scored maps and AP ratios are taken against it."""
+    datalist = generate_cohort(tmp_path / "c", 2, 3, shape=32, spacing=6.0, split=(0, 0, 1), progress=False,
+                               oracle_draws=16, outcome_draws=16)
+    arms = ["placebo", "ocrelizumab"]
+    evaluator = Evaluator(datalist, tmp_path / "out", figures=False, population_datalist=None)
+    for case in load_datalist(datalist, "testing"):
+        truth = json.loads((datalist.parent / "truth" / f"{case['id']}.json").read_text())
+        case["treatment"] = truth["treatment"] = "placebo"
+        case["label"] = str(datalist.parent / truth["counterfactual_labels"]["placebo"])
+        evaluator(_case_inputs(case, truth, datalist.parent, arms, k=2))
+    spatial = evaluator.results()["spatial"]
+    assert spatial["n_cases"] == 2 and spatial["domain"] == ["parenchyma (generator's tissue map)"]
+    diffusion, oracle = spatial["methods"]["diffusion"], spatial["methods"]["location_oracle"]
+    assert diffusion["ap_truth_mean"] in (1.0, None) and diffusion["mass_outside_domain_mean"] in (0.0, None)
+    assert oracle["mass_outside_domain_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < oracle["ap_outcomes_mean"] <= 1 and oracle["ll_outcomes_per_voxel"] < 0
+    assert oracle["ap_ratio_to_oracle"]["ap_outcomes_mean"] == pytest.approx(1.0)
+    assert set(oracle["mass_by_tissue"]) == {"csf", "cortical_gm", "white_matter", "ventricles", "infratentorial_wm",
+                                             "infratentorial_gm", "deep_gm"}
+    assert spatial["lesion_sizes"]["true"]["lesions"] == spatial["lesion_sizes"]["sampled"]["lesions"] / 2

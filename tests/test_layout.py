@@ -22,7 +22,8 @@ LAYERS: tuple[str, ...] = (
     "bench.synthetic.config", "bench.synthetic.anatomy", "bench.synthetic.disease", "bench.synthetic.oracle",
     "bench.synthetic.mri",
     "bench.synthetic.case", "bench.synthetic.cohort",
-    "bench.evaluation.conventions", "bench.evaluation.scores", "bench.evaluation.summary", "bench.evaluation.store",
+    "bench.evaluation.conventions", "bench.evaluation.scores", "bench.evaluation.location",
+    "bench.evaluation.summary", "bench.evaluation.store",
     "bench.evaluation.report", "bench.evaluation.plots", "bench.evaluation.baselines", "bench.evaluation.evaluator",
     "bench.speed", "bench.parity", "bench.benchmark",
     # the contract's entry points (python -m scripts.<name>)

@@ -77,6 +77,15 @@ CONVENTIONS: dict[str, str] = {
                 "mm); none where the forecast mask is empty. Regions (periventricular, juxtacortical, "
                 "infratentorial, deep white matter) from scripts.runtime.regions (region map of the case's own "
                 "images), majority vote over the lesion's voxels.",
+    "spatial": "Where each voxel probability map (factual arm) puts its mass, on the domain: the parenchyma of the "
+               "generator's tissue map (synthetic) or the brain the region map finds (real data). AP = scikit-learn "
+               "average precision on the domain's voxels against the realised mask, and against the share of "
+               "independent outcome draws with a lesion (each voxel a positive with that weight and a negative with "
+               "the rest: the draws pooled); mean over cases. LL = Bernoulli log-likelihood per domain voxel, "
+               "probabilities clipped to [1e-6, 1 - 1e-6], pooled over cases. The location oracle is the generator's "
+               "true probability given the past and the expected count (truth/<id>_location_oracle.nii.gz); AP "
+               "ratios are against it. Lesion sizes: 26-connected lesions of every sample (working grid) and of the "
+               "true masks (their own grid), pooled.",
     "counterfactual": "With truth/<id>.json: every forecast arm against the generator's true expected count "
                       "(count error) and true counterfactual mask (Dice, lesion F1, GED). Effects against placebo "
                       "per case: count ratio (null where the predicted placebo count is 0) and count difference; "

@@ -50,18 +50,25 @@ from scripts.bench.evaluation.baselines import (
     poisson_predictions,
 )
 from scripts.bench.evaluation.conventions import CONVENTIONS, COUNTERFACTUAL_METHODS, DISTANCE_MM, METHOD_LABELS
+from scripts.bench.evaluation.location import case_location
 from scripts.bench.evaluation.plots import evaluation_figures
 from scripts.bench.evaluation.report import fmt, render_report
 from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
     generalized_energy_distance,
     lesion_table,
+    lesion_voxel_counts,
     paired_comparison,
     population_rates,
     ranking_agreement,
 )
 from scripts.bench.evaluation.store import file_digest, json_default, strict_json
-from scripts.bench.evaluation.summary import case_summary, summarize_counterfactual, summarize_factual
+from scripts.bench.evaluation.summary import (
+    case_summary,
+    summarize_counterfactual,
+    summarize_factual,
+    summarize_location,
+)
 from scripts.runtime.constants import ARMS
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.errors import CaseError, ForecastFailed
@@ -230,6 +237,14 @@ class Evaluator:
                 if factual in per_arm:
                     record["methods"][method] = self._score_factual(per_arm[factual], label, affine, regions_ref,
                                                                     domain, method, factual, pending)
+            maps = {method: per_arm[factual].prob for method, per_arm in predictions.items()
+                    if factual in per_arm and per_arm[factual].prob is not None}
+            if maps:
+                record["location"] = case_location(maps, label, regions_ref, factual, truth, self.truth_dir.parent,
+                                                   affine, shape)
+            record["lesion_sizes"] = {
+                "sampled": [s for sample in samples[arms.index(factual)] for s in lesion_voxel_counts(sample)],
+                "true": lesion_voxel_counts(native)}
         if truth is not None:
             record["counterfactual"] = self._score_counterfactual(predictions, truth, affine, shape, arms)
         calibration: dict[tuple[str, str], ReliabilityAccumulator] = {}
@@ -374,6 +389,7 @@ class Evaluator:
             baselines[method] = section
         comparisons = {method: paired_comparison(factual, "diffusion", method)
                        for method, section in baselines.items() if section["available"]}
+        spatial = summarize_location(factual)
         counterfactual: dict[str, Any] = {"available": bool(with_truth)}
         if with_truth:
             counterfactual.update(summarize_counterfactual(with_truth, "diffusion"))
@@ -390,6 +406,7 @@ class Evaluator:
             "overall": diffusion["overall"],
             "per_arm": diffusion["per_arm"],
             "counterfactual": counterfactual,
+            "spatial": spatial,
             "baselines": baselines,
             "comparisons": comparisons,
             "cases": [case_summary(r) for r in records],

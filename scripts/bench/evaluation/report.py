@@ -120,6 +120,41 @@ def _comparisons_section(metrics: Mapping[str, Any]) -> list[str]:
                   fmt(c.get("auc_share_better"), percent=True)] for m, c in comparisons.items()]), ""]
 
 
+def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Where each probability map puts its mass, against the generator's location oracle where there is one."""
+    sp = metrics.get("spatial") or {}
+    if not sp.get("n_cases"):
+        return []
+    labels = {**METHOD_LABELS, "location_oracle": "location oracle: generator's true probability given the past"}
+    rows = []
+    for name, m in sp["methods"].items():
+        ratio = m.get("ap_ratio_to_oracle") or {}
+        tissue = m.get("mass_by_tissue") or {}
+        rows.append([labels.get(name, name), fmt(m["n_cases"]), fmt(m.get("ap_truth_mean"), 4),
+                     fmt(m.get("ap_outcomes_mean"), 4), fmt(ratio.get("ap_outcomes_mean")),
+                     fmt(m.get("ll_truth_per_voxel"), 5), fmt(m.get("ll_outcomes_per_voxel"), 5),
+                     fmt(m.get("mass_outside_domain_mean"), percent=True),
+                     fmt(tissue.get("white_matter"), percent=True), fmt(tissue.get("cortical_gm"), percent=True)])
+    sizes = sp["lesion_sizes"]
+
+    def size_text(kind: str) -> str:
+        s = sizes[kind]
+        return (f"median {fmt(s['median_voxels'], 1)} voxels, {fmt(s['single_voxel_share'], percent=True)} single "
+                f"voxels ({s['lesions']} lesions)")
+
+    return [
+        "## Where the probability lies", "",
+        f"Factual arm, {sp['n_cases']} case(s); domain: {'; '.join(sp['domain'])}. AP: voxel average precision "
+        "of the map on the domain (mean over cases), against the realised NET2 mask and against the share of "
+        "independent outcome draws with a lesion (when the cohort holds them); LL: mean log-likelihood per domain "
+        "voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.", "",
+        _table(["map", "n", "AP vs truth", "AP vs outcome draws", "AP ratio to oracle", "LL vs truth",
+                "LL vs outcome draws", "mass outside domain", "mass in white matter", "mass in cortex"], rows), "",
+        f"Lesion sizes: sampled lesions (diffusion model, working grid) {size_text('sampled')}; true lesions "
+        f"{size_text('true')}.", "",
+    ]
+
+
 def render_report(metrics: Mapping[str, Any]) -> str:
     """``report.md``: the evaluation for a clinician-researcher, tables with units, plots, conventions."""
     s = metrics["settings"]
@@ -188,6 +223,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     else:
         lines += ["No evaluated case.", ""]
 
+    lines += _spatial_section(metrics)
     loc = o.get("location")
     lines += ["## Location", ""]
     if loc:

@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from scripts.bench.evaluation.conventions import BOOTSTRAP_RESAMPLES, INTERVAL_LEVEL
 from scripts.runtime.constants import ARMS
-from scripts.runtime.lesions import dice, lesion_centroids, lesion_matching
+from scripts.runtime.lesions import dice, label_lesions, lesion_centroids, lesion_matching
 from scripts.runtime.regions import lesion_regions
 
 
@@ -316,3 +316,73 @@ def _regions_of(pred: np.ndarray, ref: np.ndarray, regions: np.ndarray | None) -
     if regions is None:
         return {}
     return {"true_regions": lesion_regions(ref, regions), "forecast_regions": lesion_regions(pred, regions)}
+
+
+PROBABILITY_CLIP = 1e-6
+"""Probabilities are clipped to [PROBABILITY_CLIP, 1 - PROBABILITY_CLIP] before a log-likelihood."""
+
+
+def _voxels(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    prob, target = np.asarray(prob, np.float64), np.asarray(target, np.float64)
+    if prob.shape != target.shape:
+        raise ValueError(f"probability map shape {prob.shape} differs from target shape {target.shape}")
+    if where is not None:
+        prob, target = prob[np.asarray(where, bool)], target[np.asarray(where, bool)]
+    if target.size and (target.min() < 0 or target.max() > 1):
+        raise ValueError("targets must lie in [0, 1] (a mask, or the share of outcome draws with a lesion)")
+    return prob.ravel(), target.ravel()
+
+
+def voxel_average_precision(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
+    """Average precision of a voxel probability map against a target in [0, 1] on the voxels ``where``.
+
+    A binary target is one realised NET2 mask; a fractional one (the share of independent outcome draws in which
+    the voxel is NET2) scores the map against the outcome distribution: each voxel counts as a positive with weight
+    ``target`` and as a negative with weight ``1 - target`` (scikit-learn's ``sample_weight``), which is the AP of
+    the draws pooled. None without any positive.
+    """
+    p, t = _voxels(prob, target, where)
+    if t.sum() <= 0:
+        return None
+    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
+    weights = np.concatenate([t, 1.0 - t])
+    keep = weights > 0
+    return float(average_precision_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
+
+
+def mean_log_likelihood(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
+    """Mean Bernoulli log-likelihood per voxel, ``t log p + (1 - t) log(1 - p)``, of a target in [0, 1] (for a
+    fractional target the expected log-likelihood of an outcome draw); probabilities clipped by
+    :data:`PROBABILITY_CLIP`. None on an empty domain."""
+    p, t = _voxels(prob, target, where)
+    if t.size == 0:
+        return None
+    p = np.clip(p, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+    return float(np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p)))
+
+
+def mass_share(prob: np.ndarray, inside: np.ndarray) -> float | None:
+    """Share of a probability map's total mass that lies on the voxels ``inside`` (None for an empty map)."""
+    prob = np.asarray(prob, np.float64)
+    total = prob.sum()
+    return float(prob[np.asarray(inside, bool)].sum() / total) if total > 0 else None
+
+
+def lesion_voxel_counts(mask: np.ndarray) -> list[int]:
+    """Voxels of each 26-connected lesion of a binary mask."""
+    labels, n = label_lesions(mask)
+    return np.bincount(labels.ravel(), minlength=n + 1)[1:].tolist() if n else []
+
+
+def size_summary(sizes: Sequence[int]) -> dict[str, Any]:
+    """Count, median and mean voxels, and share of single-voxel lesions, of pooled lesion sizes."""
+    if not len(sizes):
+        return {"lesions": 0, "median_voxels": None, "mean_voxels": None, "single_voxel_share": None}
+    arr = np.asarray(sizes)
+    return {"lesions": int(arr.size), "median_voxels": float(np.median(arr)), "mean_voxels": float(arr.mean()),
+            "single_voxel_share": float((arr == 1).mean())}
+
+
+def lesion_sizes(masks: Iterable[np.ndarray]) -> dict[str, Any]:
+    """:func:`size_summary` of the lesions of several binary masks, pooled."""
+    return size_summary([s for mask in masks for s in lesion_voxel_counts(mask)])

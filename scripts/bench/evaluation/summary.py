@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from scripts.bench.evaluation.conventions import DISTANCE_MM, NOT_APPLICABLE
+from scripts.bench.evaluation.location import ORACLE
 from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
     activity_metrics,
@@ -16,6 +17,7 @@ from scripts.bench.evaluation.scores import (
     interval_coverage,
     mean_or_none,
     ranking_agreement,
+    size_summary,
 )
 from scripts.runtime.constants import ARMS
 from scripts.runtime.regions import REGIONS
@@ -210,3 +212,39 @@ def case_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     if record.get("counterfactual"):
         out["counterfactual"] = record["counterfactual"]
     return out
+
+
+def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``spatial`` section of ``metrics.json``, where each map puts its probability: per map the within-case
+    AP (mean over cases), the pooled log-likelihood per voxel, the mass outside the domain and by tissue and region
+    (means over cases) and AP ratios to the location oracle; the pooled sizes of sampled and true lesions."""
+    located = [r for r in records if r.get("location")]
+    methods: dict[str, Any] = {}
+    names = list(dict.fromkeys(m for r in located for m in r["location"]["methods"]))
+    for name in names:
+        cells = [r["location"]["methods"][name] for r in located if name in r["location"]["methods"]]
+        voxels = sum(c["voxels"] for c in cells)
+        ll_truth = sum(c["ll_truth_sum"] for c in cells) / voxels if voxels else None
+        entry: dict[str, Any] = {"n_cases": len(cells), "ap_truth_mean": mean_or_none(c["ap_truth"] for c in cells),
+                                 "ll_truth_per_voxel": ll_truth,
+                                 "mass_outside_domain_mean": mean_or_none(c["mass_outside_domain"] for c in cells)}
+        with_outcomes = [c for c in cells if "ap_outcomes" in c]
+        if with_outcomes:
+            n = sum(c["voxels"] for c in with_outcomes)
+            entry["ap_outcomes_mean"] = mean_or_none(c["ap_outcomes"] for c in with_outcomes)
+            entry["ll_outcomes_per_voxel"] = sum(c["ll_outcomes_sum"] for c in with_outcomes) / n if n else None
+        for group in ("mass_by_tissue", "mass_by_region"):
+            keys = list(dict.fromkeys(k for c in cells for k in c.get(group, {})))
+            if keys:
+                entry[group] = {k: mean_or_none(c[group].get(k) for c in cells if group in c) for k in keys}
+        methods[name] = entry
+    oracle = methods.get(ORACLE)
+    if oracle:
+        for entry in methods.values():
+            entry["ap_ratio_to_oracle"] = {
+                key: entry[key] / oracle[key] if entry.get(key) is not None and oracle.get(key) else None
+                for key in ("ap_truth_mean", "ap_outcomes_mean")}
+    domains = sorted({r["location"]["domain"] for r in located})
+    sizes = {kind: size_summary([s for r in records for s in r.get("lesion_sizes", {}).get(kind, [])])
+             for kind in ("sampled", "true")}
+    return {"n_cases": len(located), "domain": domains, "methods": methods, "lesion_sizes": sizes}

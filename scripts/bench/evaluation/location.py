@@ -1,0 +1,93 @@
+"""Where the forecast puts its probability: per-case location scores of every method that outputs a voxel map.
+
+For one case and its factual arm, each map (the diffusion model's, the baseline networks', and with a synthetic
+truth file the generator's location oracle) is scored on the brain domain: the parenchyma of the generator's tissue
+map, or for real data the brain the region map finds in the case's own images. Scores: voxel average precision and
+the summed log-likelihood against the realised NET2 mask and, with outcome draws, against the share of independent
+outcome draws with a lesion at each voxel; the share of the map's mass outside the domain, and its mass by tissue
+and by region. The sizes of the sampled and the true lesions complete the picture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from scripts.bench.evaluation.scores import PROBABILITY_CLIP, mass_share, voxel_average_precision
+from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS
+from scripts.runtime.constants import ARMS
+from scripts.runtime.grids import to_reference_grid
+from scripts.runtime.regions import REGIONS
+
+ORACLE = "location_oracle"
+"""Name of the generator's location oracle among the scored maps."""
+
+
+def volume_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: list[int], mode: str,
+                   index: int | None = None) -> np.ndarray:
+    """A NIfTI volume (of a 4D file: volume ``index``) on the grid (``affine``, ``shape``), resampled with ``mode``
+    (``nearest`` for labels, ``bilinear`` for maps) when it lies on another grid."""
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    data = data[..., index] if index is not None else data
+    if tuple(data.shape) == tuple(shape) and np.allclose(image.affine, affine, atol=1e-3):
+        return np.asarray(data)
+    return to_reference_grid(np.asarray(data, np.float32), image.affine, affine, shape, mode=mode)
+
+
+def _log_likelihood_sum(prob: np.ndarray, target: np.ndarray) -> float:
+    p = np.clip(np.asarray(prob, np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+    t = np.asarray(target, np.float64)
+    return float(np.sum(t * np.log(p) + (1.0 - t) * np.log1p(-p)))
+
+
+def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes: np.ndarray | None,
+              tissue: np.ndarray | None, regions: np.ndarray) -> dict[str, Any]:
+    """Location scores of one probability map (all arrays on the same grid; see the module docstring)."""
+    prob = np.clip(np.asarray(prob, np.float64), 0.0, 1.0)
+    inside = prob[domain]
+    out: dict[str, Any] = {
+        "ap_truth": voxel_average_precision(prob, label, domain),
+        "ll_truth_sum": _log_likelihood_sum(inside, label[domain]),
+        "voxels": int(domain.sum()),
+        "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else 1.0 - share,
+        "mass_by_region": {name: mass_share(prob, regions == code) for code, name in enumerate(REGIONS, start=1)},
+    }
+    if outcomes is not None:
+        out["ap_outcomes"] = voxel_average_precision(prob, outcomes, domain)
+        out["ll_outcomes_sum"] = _log_likelihood_sum(inside, outcomes[domain])
+    if tissue is not None:
+        out["mass_by_tissue"] = {name: mass_share(prob, tissue == code) for code, name in TISSUE_LABELS.items()
+                                 if code > 0}
+    return out
+
+
+def case_location(maps: Mapping[str, np.ndarray], label: np.ndarray, regions: np.ndarray, factual: str,
+                  truth: Mapping[str, Any] | None, truth_root: Path, affine: np.ndarray,
+                  shape: list[int]) -> dict[str, Any]:
+    """Location scores of every map of one case under its factual arm; with a synthetic truth file the domain is
+    the generator's parenchyma and the oracle and outcome draws join (when the cohort was written with them)."""
+    tissue = outcomes = None
+    truth = truth or {}
+    if "tissue" in truth:
+        tissue = np.rint(volume_on_grid(truth_root / truth["tissue"], affine, shape, "nearest")).astype(np.int16)
+        domain, domain_name = np.isin(tissue, PARENCHYMA_LABELS), "parenchyma (generator's tissue map)"
+    else:
+        domain, domain_name = regions > 0, "brain found in the case's own images (region map)"
+    scored = dict(maps)
+    oracle = truth.get("location_oracle", {})
+    if "map" in oracle:
+        coverage = volume_on_grid(truth_root / oracle["map"], affine, shape, "bilinear")
+        scored[ORACLE] = np.clip(float(oracle["keep_probability"][factual]) * coverage, 0.0, 1.0)
+    draws = truth.get("outcome_draws", {})
+    if "frequency" in draws:
+        outcomes = np.clip(volume_on_grid(truth_root / draws["frequency"], affine, shape, "bilinear",
+                                          index=list(draws.get("arms", ARMS)).index(factual)), 0.0, 1.0)
+    return {"domain": domain_name, "outcome_draws": draws.get("draws") if outcomes is not None else None,
+            "methods": {name: score_map(prob, label, domain, outcomes, tissue, regions)
+                        for name, prob in scored.items()}}
