@@ -33,7 +33,7 @@ from scripts.bench.evaluation.scores import (
 from scripts.bench.evaluation.summary import pooled_detection
 from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.runtime.analysis import summarize_arm
-from scripts.runtime.constants import CONDITION_CHANNELS
+from scripts.runtime.constants import ARMS, CONDITION_CHANNELS
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.forecast import CaseForecast
 from scripts.runtime.lesions import match_lesions
@@ -411,8 +411,9 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     assert set(metrics["comparisons"]) == {"deterministic", "unaware", "population", "oracle"}
     assert metrics["comparisons"]["population"]["n_cases"] == len(testing)
     assert "paired-bootstrap interval" in (out / "report.md").read_text()
-    assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "oracle"}
-    assert all(section["available"] for section in metrics["baselines"].values())
+    assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "regression", "oracle"}
+    assert all(section["available"] for name, section in metrics["baselines"].items() if name != "regression")
+    assert "training case(s) for" in metrics["baselines"]["regression"]["note"]  # 4 training cases: too few
     assert metrics["counterfactual"]["available"]
     assert set(metrics["counterfactual"]["per_arm"]) == {"placebo", "ocrelizumab"}
     report = (out / "report.md").read_text()
@@ -503,3 +504,44 @@ def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
     assert set(oracle["mass_by_tissue"]) == {"csf", "cortical_gm", "white_matter", "ventricles", "infratentorial_wm",
                                              "infratentorial_gm", "deep_gm"}
     assert spatial["lesion_sizes"]["true"]["lesions"] == spatial["lesion_sizes"]["sampled"]["lesions"] / 2
+
+
+# ---- the negative-binomial regression baseline ----
+
+
+def test_regression_recovers_known_coefficients() -> None:
+    from scripts.bench.evaluation.regression import FEATURES, CountRegression, design_row
+
+    rng = np.random.default_rng(0)
+    arms = list(ARMS)
+    truth = np.zeros(1 + len(FEATURES) + 5)
+    truth[0], truth[1], truth[5] = -2.5, 0.6, 0.3  # intercept (log rate per week), past NET2, T2 count at visit 1
+    truth[1 + len(FEATURES) + 0], truth[1 + len(FEATURES) + 4] = -0.35, -2.0  # laquinimod, ocrelizumab
+    alpha = 0.5
+    rows = []
+    for _ in range(4000):
+        features = {f: float(rng.poisson(3)) for f in FEATURES}
+        arm, horizon = arms[rng.integers(len(arms))], float(rng.choice([12, 24, 48]))
+        mu = np.exp(design_row(features, arm) @ truth) * horizon
+        count = int(rng.negative_binomial(1 / alpha, 1 / (1 + alpha * mu)))
+        rows.append((features, arm, horizon, count))
+    fit = CountRegression.fit(rows)
+    used = [0, 1, 5, 1 + len(FEATURES), 1 + len(FEATURES) + 4]
+    # about three standard errors each (the intercept trades off with the seven log1p features)
+    assert np.all(np.abs(fit.coefficients[used] - truth[used]) < [0.35, 0.15, 0.15, 0.15, 0.3]), fit.coefficients[used]
+    assert fit.alpha == pytest.approx(alpha, abs=0.1)
+    pred = fit.predict(rows[0][0], ["placebo", "ocrelizumab"], 24.0)
+    assert pred["ocrelizumab"].expected_count < pred["placebo"].expected_count
+    size = 1 / fit.alpha
+    mu = pred["placebo"].expected_count
+    assert pred["placebo"].p_active == pytest.approx(1 - (size / (size + mu)) ** size)
+    lo, hi = pred["placebo"].interval_90
+    assert lo <= mu <= hi
+    assert fit.summary()["coefficients"]["arm_ocrelizumab"] == pytest.approx(fit.coefficients[-1])
+
+
+def test_regression_needs_enough_training_cases(tiny_cohort: Path, tmp_path: Path) -> None:
+    evaluator = Evaluator(tiny_cohort, tmp_path, figures=False)
+    evaluator.prepare()
+    section = evaluator.results()["baselines"]["regression"]
+    assert not section["available"] and "training case(s) for" in section["note"]

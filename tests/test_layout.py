@@ -24,7 +24,8 @@ LAYERS: tuple[str, ...] = (
     "bench.synthetic.case", "bench.synthetic.cohort",
     "bench.evaluation.conventions", "bench.evaluation.scores", "bench.evaluation.location",
     "bench.evaluation.summary", "bench.evaluation.store",
-    "bench.evaluation.report", "bench.evaluation.plots", "bench.evaluation.baselines", "bench.evaluation.evaluator",
+    "bench.evaluation.report", "bench.evaluation.plots", "bench.evaluation.baselines", "bench.evaluation.regression",
+    "bench.evaluation.evaluator",
     "bench.speed", "bench.parity", "bench.benchmark",
     # the contract's entry points (python -m scripts.<name>)
     "synthetic", "lesions", "benchmark", "export", "package",

@@ -6,7 +6,7 @@ follows it.
 
 from __future__ import annotations
 
-METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "oracle")
+METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression", "oracle")
 
 
 METHOD_LABELS: dict[str, str] = {
@@ -14,11 +14,12 @@ METHOD_LABELS: dict[str, str] = {
     "deterministic": "deterministic network",
     "unaware": "diffusion model, treatment-unaware",
     "population": "population: training-split arm rate",
+    "regression": "negative-binomial regression on past lesion counts",
     "oracle": "oracle: generator's true expected count",
 }
 
 
-COUNTERFACTUAL_METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population")
+COUNTERFACTUAL_METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression")
 
 
 NOT_APPLICABLE = "not applicable: "
@@ -56,15 +57,18 @@ CONVENTIONS: dict[str, str] = {
     "count": "Expected count: diffusion models the mean lesion count over samples; deterministic network the "
              "lesion count of its mask (working grid); population the training-split arm rate (NET2 lesions per "
              "week, sum of counts over sum of horizons; arms absent from the training split use the pooled rate) "
-             "times the horizon; oracle the generator's true expected count. MAE in lesions; Spearman rank "
+             "times the horizon; regression the mean of its fitted negative binomial; oracle the generator's true "
+             "expected count. MAE in lesions; Spearman rank "
              "correlation (null when fewer than 2 cases or a constant series).",
     "interval": "90% interval: diffusion models the 5th-95th percentiles of the sample counts (linear "
                 "interpolation); population and oracle the 5% and 95% quantiles of a Poisson with the expected "
-                "count; the deterministic network gives none. Coverage: share of cases with lo <= true count <= hi.",
+                "count; regression the 5% and 95% quantiles of its fitted negative binomial; the deterministic "
+                "network gives none. Coverage: share of cases with lo <= true count <= hi.",
     "activity": "Active = at least one true NET2 lesion. P(active): diffusion models the share of samples with a "
                 "lesion; deterministic network its largest voxel probability; population and oracle "
-                "1 - exp(-expected count) (Poisson). AUC and average precision from scikit-learn; balanced accuracy "
-                "of P(active) >= 0.5. Null when only one class is present.",
+                "1 - exp(-expected count) (Poisson); regression 1 - P(0) of its negative binomial. AUC and average "
+                "precision from scikit-learn; balanced accuracy of P(active) >= 0.5. Null when only one class is "
+                "present.",
     "calibration": "Voxel probabilities of the factual forecast against the truth, pooled over cases, on the brain "
                    "voxels of the region map plus any voxel where the forecast or the truth is non-zero (the "
                    "empty background outside the head is trivially calibrated and would swamp the figure). "
@@ -108,6 +112,9 @@ BASELINE_DESCRIPTIONS: dict[str, str] = {
     "unaware": "the diffusion model trained with the treatment always dropped, forecast with the null treatment: "
                "the same forecast under every arm",
     "population": "each arm's NET2 rate in the training split times the horizon, the same for every patient",
+    "regression": "a negative-binomial (NB2) regression of the NET2 count on the past visits' lesion counts and T2 "
+                  "volumes (log1p), the arm and the horizon (offset), fitted on the training split with statsmodels: "
+                  "what a trial statistician would fit without images",
     "oracle": "the generator's true expected count of the patient under the arm: the best any count forecast can "
               "do on average (an upper bound for count and activity)",
 }

@@ -52,6 +52,7 @@ from scripts.bench.evaluation.baselines import (
 from scripts.bench.evaluation.conventions import CONVENTIONS, COUNTERFACTUAL_METHODS, DISTANCE_MM, METHOD_LABELS
 from scripts.bench.evaluation.location import case_location
 from scripts.bench.evaluation.plots import evaluation_figures
+from scripts.bench.evaluation.regression import CountRegression, observable_features
 from scripts.bench.evaluation.report import fmt, render_report
 from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
@@ -155,6 +156,8 @@ class Evaluator:
         self.notes: list[str] = []
         self.population: dict[str, Any] | None = None
         self.population_note: str | None = None
+        self.regression: CountRegression | None = None
+        self.regression_note: str | None = None
         self.arms: list[str] = []
         self.num_samples: int | None = None
         self.failed: list[str] = []
@@ -176,15 +179,25 @@ class Evaluator:
             errors: list[CaseError] = []
             cases = [c for c in load_datalist(self.population_datalist, "training", errors=errors)
                      if c.get("label") and c.get("treatment")]
-            observations = []
-            for case in tqdm(cases, desc="population baseline: training labels", unit="case"):
-                observations.append((case["treatment"], float(case["horizon_weeks"]), count_native(case["label"])))
+            observations, rows = [], []
+            for case in tqdm(cases, desc="population baseline and regression: training cases", unit="case"):
+                count = count_native(case["label"])
+                observations.append((case["treatment"], float(case["horizon_weeks"]), count))
+                rows.append((observable_features(case), case["treatment"], float(case["horizon_weeks"]), count))
+            self._fit_regression(rows)
             self.population = population_rates(observations)
             self.population["n_training_cases"] = len(observations)
             self.population["datalist"] = str(self.population_datalist)
         except (ValueError, OSError) as err:
             self.population_note = f"not available: {err}"
             logger.warning("population baseline %s", self.population_note)
+
+    def _fit_regression(self, rows: list[tuple[dict[str, float], str, float, int]]) -> None:
+        try:
+            self.regression = CountRegression.fit(rows)
+        except ValueError as err:
+            self.regression_note = f"not available: {err}"
+            logger.warning("regression baseline %s", self.regression_note)
 
     # ---- the hook ----
 
@@ -216,8 +229,8 @@ class Evaluator:
         evaluated = case.get("label") is not None and factual in arms
         sample_arms = set(arms) if truth is not None else {factual} if evaluated else set()
         # the baselines get the restriction the diffusion samples got (``allowed``)
-        predictions = self._predict(data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms,
-                                    allowed)
+        predictions = self._predict(case, data, samples, forecast, probs, arms, truth, horizon, to_ref,
+                                    sample_arms, allowed)
         pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]] = []
 
         if case.get("label") is None:
@@ -267,9 +280,9 @@ class Evaluator:
                 ReliabilityAccumulator.from_state_dict(acc))
         self.records[record["id"]] = record
 
-    def _predict(self, data: Mapping[str, Any], samples: np.ndarray, forecast: Mapping[str, Any],
-                 probs: Mapping[str, np.ndarray], arms: Sequence[str], truth: Mapping[str, Any] | None,
-                 horizon: float, to_ref: ToReference, sample_arms: set[str],
+    def _predict(self, case: Mapping[str, Any], data: Mapping[str, Any], samples: np.ndarray,
+                 forecast: Mapping[str, Any], probs: Mapping[str, np.ndarray], arms: Sequence[str],
+                 truth: Mapping[str, Any] | None, horizon: float, to_ref: ToReference, sample_arms: set[str],
                  allowed: np.ndarray | None = None) -> dict[str, dict[str, ArmPrediction]]:
         """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``);
         ``allowed`` (working grid), where given, restricts the baseline networks' forecasts as the samples were."""
@@ -282,6 +295,8 @@ class Evaluator:
         if self.population is not None:
             rates = self.population["rate_per_week"]
             out["population"] = poisson_predictions({arm: rates[arm] * horizon for arm in arms}, arms)
+        if self.regression is not None:
+            out["regression"] = self.regression.predict(observable_features(case), arms, horizon)
         if truth is not None:
             out["oracle"] = poisson_predictions(truth["expected_count"], arms)
         return out
@@ -374,6 +389,8 @@ class Evaluator:
             "deterministic": (self.deterministic is not None, "not provided (set deterministic_ckpt)"),
             "unaware": (self.unaware is not None, "not provided (set unaware_ckpt)"),
             "population": (self.population is not None, self.population_note or "not available"),
+            "regression": (self.regression is not None,
+                           self.regression_note or self.population_note or "not available"),
             "oracle": (bool(with_truth), truth_note or "not available"),
         }
         for method, (available, note) in availability.items():
@@ -386,6 +403,8 @@ class Evaluator:
                 section["note"] = note
             if method == "population" and self.population is not None:
                 section["rates"] = self.population
+            if method == "regression" and self.regression is not None:
+                section["fit"] = self.regression.summary()
             baselines[method] = section
         comparisons = {method: paired_comparison(factual, "diffusion", method)
                        for method, section in baselines.items() if section["available"]}

@@ -16,7 +16,8 @@ from scripts.runtime.figures import arm_label, figure_file
 
 _METHOD_STYLE: dict[str, tuple[str, str, Any]] = {
     "diffusion": ("tab:blue", "o", "-"), "deterministic": ("tab:orange", "s", "--"),
-    "unaware": ("tab:green", "^", ":"), "population": ("tab:gray", "D", "-."), "oracle": ("tab:red", "x", (0, (1, 3))),
+    "unaware": ("tab:green", "^", ":"), "population": ("tab:gray", "D", "-."),
+    "regression": ("tab:purple", "v", (0, (3, 1, 1, 1))), "oracle": ("tab:red", "x", (0, (1, 3))),
 }
 """Colour, marker and line style per evaluated method (line styles keep coinciding curves apart)."""
 
