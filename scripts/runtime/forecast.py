@@ -165,8 +165,7 @@ class ForecastRunner:
             logger.info("removed %s, left by an interrupted run", stale)
         self.network.eval()
         logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
-                    self.dataset.datalist, len(self.arms), self.inferer.num_samples,
-                    self.output_dir)
+                    self.dataset.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
         rows: list[dict[str, Any]] = []
         for case in tqdm(cases, desc="cases", unit="case"):
             case_id = str(case["id"])

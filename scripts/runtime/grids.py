@@ -111,3 +111,12 @@ def to_reference_grid(
     if threshold is not None:
         out = (out >= threshold).astype(np.float32)
     return out[0] if squeeze else out
+
+
+def on_grid(volume: np.ndarray, own_affine: np.ndarray, affine: np.ndarray, shape: Sequence[int],
+            mode: str = "bilinear") -> np.ndarray:
+    """``volume`` (lying on ``own_affine``) on the grid (``affine``, ``shape``): the volume itself when it already
+    lies there, else resampled with :func:`to_reference_grid` (``nearest`` for labels, ``bilinear`` for maps)."""
+    if tuple(np.shape(volume)) == tuple(int(s) for s in shape) and np.allclose(own_affine, affine, atol=1e-3):
+        return np.asarray(volume)
+    return to_reference_grid(np.asarray(volume, dtype=np.float32), own_affine, affine, shape, mode=mode)

@@ -68,21 +68,23 @@ MACRO_PREFIX = "%bundle/configs/"
 repository root only, so the packaged configs hold their content instead."""
 
 
-def _inline(value: Any, configs: Path) -> Any:
+def _inline(value: Any, sources: dict[str, ConfigParser], configs: Path) -> Any:
     if isinstance(value, dict):
-        return {k: _inline(v, configs) for k, v in value.items()}
+        return {k: _inline(v, sources, configs) for k, v in value.items()}
     if isinstance(value, list):
-        return [_inline(v, configs) for v in value]
+        return [_inline(v, sources, configs) for v in value]
     if isinstance(value, str) and value.startswith(MACRO_PREFIX):
         path, ids = ConfigParser.split_path_id(value[len(MACRO_PREFIX):])
-        return copy.deepcopy(ConfigParser(ConfigParser.load_config_file(configs / path))[ids])
+        if path not in sources:
+            sources[path] = ConfigParser(ConfigParser.load_config_file(configs / path))
+        return copy.deepcopy(sources[path][ids])
     return value
 
 
 def _inline_macros(config_path: Path, configs: Path) -> bool:
     """Replace the repository-relative macros of one packaged config by their content; False if it has none."""
     config = json.loads(config_path.read_text())
-    inlined = _inline(config, configs)
+    inlined = _inline(config, {}, configs)
     if inlined == config:
         return False
     config_path.write_text(json.dumps(inlined, indent=4) + "\n")

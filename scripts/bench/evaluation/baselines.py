@@ -20,7 +20,7 @@ import torch
 from scripts.bench.evaluation.scores import poisson_interval
 from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import arm_index
-from scripts.runtime.grids import to_reference_grid
+from scripts.runtime.grids import on_grid
 from scripts.runtime.lesions import count_lesions, load_mask
 from scripts.runtime.weights import load_weights
 
@@ -65,9 +65,7 @@ def count_native(path: str | os.PathLike) -> int:
 def mask_on_grid(mask: np.ndarray, own_affine: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """A binary mask (on its grid ``own_affine``) on the grid (``affine``, ``shape``); nearest-neighbour resampled
     when the grids differ."""
-    if tuple(mask.shape) == tuple(shape) and np.allclose(own_affine, affine, atol=1e-3):
-        return mask
-    return to_reference_grid(mask.astype(np.float32), own_affine, affine, shape, mode="nearest") > 0.5
+    return on_grid(mask, own_affine, affine, shape, mode="nearest") > 0.5
 
 
 def load_mask_on(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:

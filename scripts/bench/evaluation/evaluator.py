@@ -169,10 +169,10 @@ class Evaluator:
         self.resumed: list[str] = []
         self._started = time.perf_counter()
 
-    # ---- population baseline ----
+    # ---- the baselines fitted on the training split ----
 
     def prepare(self) -> None:
-        """Fit the population baseline on the training split's labels (once)."""
+        """Fit the population baseline and the count regression on the training split (once)."""
         if self.population is not None or self.population_note is not None:
             return
         try:

@@ -18,10 +18,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from scripts.bench.evaluation.scores import PROBABILITY_CLIP, mass_share, voxel_average_precision
+from scripts.bench.evaluation.scores import bernoulli_log_likelihood, mass_share, voxel_average_precision
 from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS
 from scripts.runtime.constants import ARMS
-from scripts.runtime.grids import to_reference_grid
+from scripts.runtime.grids import on_grid
 from scripts.runtime.regions import REGIONS
 
 ORACLE = "location_oracle"
@@ -34,16 +34,7 @@ def volume_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: list[int]
     (``nearest`` for labels, ``bilinear`` for maps) when it lies on another grid."""
     image = nib.load(str(path))
     data = np.asanyarray(image.dataobj)
-    data = data[..., index] if index is not None else data
-    if tuple(data.shape) == tuple(shape) and np.allclose(image.affine, affine, atol=1e-3):
-        return np.asarray(data)
-    return to_reference_grid(np.asarray(data, np.float32), image.affine, affine, shape, mode=mode)
-
-
-def _log_likelihood_sum(prob: np.ndarray, target: np.ndarray) -> float:
-    p = np.clip(np.asarray(prob, np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
-    t = np.asarray(target, np.float64)
-    return float(np.sum(t * np.log(p) + (1.0 - t) * np.log1p(-p)))
+    return on_grid(data[..., index] if index is not None else data, image.affine, affine, shape, mode=mode)
 
 
 def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes: np.ndarray | None,
@@ -53,14 +44,14 @@ def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes:
     inside = prob[domain]
     out: dict[str, Any] = {
         "ap_truth": voxel_average_precision(prob, label, domain),
-        "ll_truth_sum": _log_likelihood_sum(inside, label[domain]),
+        "ll_truth_sum": float(bernoulli_log_likelihood(inside, label[domain]).sum()),
         "voxels": int(domain.sum()),
         "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else 1.0 - share,
         "mass_by_region": {name: mass_share(prob, regions == code) for code, name in enumerate(REGIONS, start=1)},
     }
     if outcomes is not None:
         out["ap_outcomes"] = voxel_average_precision(prob, outcomes, domain)
-        out["ll_outcomes_sum"] = _log_likelihood_sum(inside, outcomes[domain])
+        out["ll_outcomes_sum"] = float(bernoulli_log_likelihood(inside, outcomes[domain]).sum())
     if tissue is not None:
         out["mass_by_tissue"] = {name: mass_share(prob, tissue == code) for code, name in TISSUE_LABELS.items()
                                  if code > 0}

@@ -350,15 +350,20 @@ def voxel_average_precision(prob: np.ndarray, target: np.ndarray, where: np.ndar
     return float(average_precision_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
 
 
+def bernoulli_log_likelihood(prob: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per voxel ``t log p + (1 - t) log(1 - p)`` of a target in [0, 1] (for a fractional target the expected
+    log-likelihood of an outcome draw), probabilities clipped by :data:`PROBABILITY_CLIP`."""
+    p = np.clip(np.asarray(prob, np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+    t = np.asarray(target, np.float64)
+    return t * np.log(p) + (1.0 - t) * np.log1p(-p)
+
+
 def mean_log_likelihood(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
-    """Mean Bernoulli log-likelihood per voxel, ``t log p + (1 - t) log(1 - p)``, of a target in [0, 1] (for a
-    fractional target the expected log-likelihood of an outcome draw); probabilities clipped by
-    :data:`PROBABILITY_CLIP`. None on an empty domain."""
+    """Mean :func:`bernoulli_log_likelihood` per voxel on ``where``; None on an empty domain."""
     p, t = _voxels(prob, target, where)
     if t.size == 0:
         return None
-    p = np.clip(p, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
-    return float(np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p)))
+    return float(np.mean(bernoulli_log_likelihood(p, t)))
 
 
 def mass_share(prob: np.ndarray, inside: np.ndarray) -> float | None:
