@@ -248,6 +248,8 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
     # realised counterfactual lesions are nested (stronger arm: a subset), so perfect forecasts never rank wrongly
     assert cf["ranking"]["case_mean_concordance"] >= 0.5
     assert metrics["baselines"]["oracle"]["available"] and metrics["baselines"]["population"]["available"]
+    assert metrics["baselines"]["reference"]["available"]
+    assert set(metrics["baselines"]["reference"]["counterfactual"]["per_arm"]) == set(arms)
     assert not metrics["baselines"]["deterministic"]["available"]
     assert "not provided" in metrics["baselines"]["deterministic"]["note"]
     assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["dice_all"] == 1.0
@@ -408,10 +410,10 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
                 "ged_mean", "location", "sample_lesion_f1"):
         assert key in metrics["overall"], key
     assert "lesion F1, per sample" in (out / "report.md").read_text()
-    assert set(metrics["comparisons"]) == {"deterministic", "unaware", "population", "oracle"}
+    assert set(metrics["comparisons"]) == {"deterministic", "unaware", "population", "reference", "oracle"}
     assert metrics["comparisons"]["population"]["n_cases"] == len(testing)
     assert "paired-bootstrap interval" in (out / "report.md").read_text()
-    assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "regression", "oracle"}
+    assert set(metrics["baselines"]) == {"deterministic", "unaware", "population", "regression", "reference", "oracle"}
     assert all(section["available"] for name, section in metrics["baselines"].items() if name != "regression")
     assert "training case(s) for" in metrics["baselines"]["regression"]["note"]  # 4 training cases: too few
     assert metrics["counterfactual"]["available"]
@@ -464,6 +466,33 @@ def test_voxel_average_precision_known_answers() -> None:
         voxel_average_precision(prob, np.array([2.0, 0.0, 0.0]))
 
 
+def test_pooled_average_precision_from_histograms() -> None:
+    """Binned AP equals scikit-learn's when no two voxels share a bin, pools cases like one concatenated map, and
+    treats voxels in one bin as tied."""
+    from sklearn.metrics import average_precision_score
+
+    from scripts.bench.evaluation.scores import (
+        histogram_average_precision,
+        probability_histogram,
+        voxel_average_precision,
+    )
+
+    a_prob, a_truth = np.array([0.9, 1e-3, 0.05, 0.0]), np.array([1.0, 0.0, 1.0, 0.0])
+    b_prob, b_truth = np.array([0.5, 1e-5, 2e-2]), np.array([0.0, 1.0, 0.25])
+    for prob, truth in ((a_prob, a_truth), (b_prob, b_truth)):
+        assert histogram_average_precision([probability_histogram(prob, truth)]) == pytest.approx(
+            voxel_average_precision(prob, truth))
+    pooled = histogram_average_precision([probability_histogram(a_prob, a_truth), probability_histogram(b_prob,
+                                                                                                        b_truth)])
+    assert pooled == pytest.approx(voxel_average_precision(np.concatenate([a_prob, b_prob]),
+                                                           np.concatenate([a_truth, b_truth])))
+    tied = np.array([0.300, 0.301, 0.9])  # the first two share a bin
+    truth = np.array([0.0, 1.0, 1.0])
+    assert histogram_average_precision([probability_histogram(tied, truth)]) == pytest.approx(
+        average_precision_score(truth, [0.3, 0.3, 0.9]))
+    assert histogram_average_precision([probability_histogram(tied, np.zeros(3))]) is None
+
+
 def test_mean_log_likelihood_mass_share_and_lesion_sizes() -> None:
     from scripts.bench.evaluation.scores import PROBABILITY_CLIP, lesion_sizes, mass_share, mean_log_likelihood
 
@@ -504,6 +533,17 @@ def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
     assert set(oracle["mass_by_tissue"]) == {"csf", "cortical_gm", "white_matter", "ventricles", "infratentorial_wm",
                                              "infratentorial_gm", "deep_gm"}
     assert spatial["lesion_sizes"]["true"]["lesions"] == spatial["lesion_sizes"]["sampled"]["lesions"] / 2
+    assert oracle["ap_ratio_to_oracle"]["ap_outcomes_pooled"] == pytest.approx(1.0)
+    assert 0 < oracle["ap_outcomes_pooled"] <= 1
+    prior = spatial["methods"]["region_prior"]  # the oracle's mass, spread over the regions' white matter
+    assert prior["mass_outside_domain_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < prior["ap_outcomes_mean"] <= 1 and prior["mass_by_tissue"]["cortical_gm"] == 0
+    factual_placebo = [json.loads(p.read_text())["treatment"] == "placebo"
+                       for p in sorted((datalist.parent / "truth").glob("syn????.json"))]
+    ceiling = spatial.get("oracle_sample_lesions")  # outcome draws were scored against the generator's factual arm
+    assert (ceiling is not None) == any(factual_placebo)
+    if ceiling:
+        assert ceiling["n_samples"] == 16 * sum(factual_placebo) and ceiling["tp"] <= ceiling["true_lesions"]
 
 
 # ---- the negative-binomial regression baseline ----

@@ -21,7 +21,7 @@ LAYERS: tuple[str, ...] = (
     # the bench: synthetic cohort, evaluation, benchmark
     "bench.synthetic.config", "bench.synthetic.anatomy", "bench.synthetic.disease", "bench.synthetic.oracle",
     "bench.synthetic.mri",
-    "bench.synthetic.case", "bench.synthetic.cohort",
+    "bench.synthetic.case", "bench.synthetic.reference", "bench.synthetic.cohort",
     "bench.evaluation.conventions", "bench.evaluation.scores", "bench.evaluation.location",
     "bench.evaluation.summary", "bench.evaluation.store",
     "bench.evaluation.report", "bench.evaluation.plots", "bench.evaluation.baselines", "bench.evaluation.regression",

@@ -11,7 +11,7 @@ import pytest
 
 from scripts.bench.synthetic.case import generate_case
 from scripts.bench.synthetic.cohort import generate_cohort
-from scripts.bench.synthetic.oracle import pool_length
+from scripts.bench.synthetic.oracle import draw_detection, pool_length
 from scripts.runtime.constants import ARMS
 
 SEED, INDEX = 3, 0  # case 0 of seed 3 at 32^3 x 6 mm: expected future pool of 2.65 events
@@ -33,7 +33,7 @@ def test_oracle_and_outcomes_change_nothing_else(case) -> None:
     plain = generate_case(INDEX, SEED, **GRID)
     assert all(np.array_equal(plain.images[k], case.images[k]) for k in plain.images)
     assert all(np.array_equal(plain.counterfactual[a], case.counterfactual[a]) for a in ARMS)
-    extra = {"location_oracle", "outcome_draws"}
+    extra = {"location_oracle", "outcome_draws"}  # the region prior is an attribute, written by the cohort
     assert {k: v for k, v in case.truth.items() if k not in extra} == plain.truth
     again = generate_case(INDEX, SEED, oracle_draws=ORACLE_DRAWS, outcome_draws=OUTCOME_DRAWS, **GRID)
     assert np.array_equal(again.location_oracle, case.location_oracle)  # deterministic given the seed
@@ -86,3 +86,29 @@ def test_cohort_writes_the_oracle_and_outcome_files(tmp_path: Path) -> None:
     assert oracle.shape == label.shape and np.allclose(oracle.affine, label.affine)
     assert frequency.shape == (*label.shape, len(ARMS)) and truth["outcome_draws"]["arms"] == list(ARMS)
     assert truth["location_oracle"]["draws"] == 8 and set(truth["location_oracle"]["keep_probability"]) == set(ARMS)
+    prior = nib.load(root / truth["region_prior"]["map"])
+    assert prior.shape == label.shape and np.allclose(prior.affine, label.affine)
+    detection = truth["outcome_draws"]["factual_detection"]
+    assert detection["n_samples"] == 8 and detection["tp"] + detection["fn"] == detection["n_true_lesions"]
+    assert detection["n_true_lesions"] % 8 == 0  # the realised lesions, once per draw
+
+
+def test_region_prior_knows_only_the_regions(case) -> None:
+    """Mass equals the oracle's, it lies only in the placement's candidate white matter and brainstem, and is flat
+    within a region."""
+    prior, oracle = case.region_prior, case.location_oracle
+    assert prior.sum(dtype=np.float64) == pytest.approx(oracle.sum(dtype=np.float64), rel=1e-4)
+    tissue = case.tissue
+    assert prior[~np.isin(tissue, (3, 5))].sum() == 0  # white matter and infratentorial white matter only
+    inside = prior[tissue == 5]
+    assert inside.size and np.allclose(inside, inside[0])  # infratentorial: one region, one value
+
+
+def test_draw_detection_counts_overlaps() -> None:
+    truth = np.zeros((8, 8, 8), bool)
+    truth[1, 1, 1] = truth[5, 5, 5] = True
+    hit, miss = np.zeros_like(truth), np.zeros_like(truth)
+    hit[1, 1, 1] = hit[3, 3, 3] = True  # one true lesion found, one false lesion
+    out = draw_detection(np.stack([hit, miss]), truth)
+    assert out == {"tp": 1, "fp": 1, "fn": 3, "n_forecast_lesions": 2, "n_true_lesions": 4,
+                   "matched_forecast_lesions": 1, "n_samples": 2}

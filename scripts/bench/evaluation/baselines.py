@@ -2,7 +2,8 @@
 
 The diffusion model's come from the forecast runner's samples; the deterministic network and the treatment-unaware
 model forecast the case themselves from the same preprocessed input; the population baseline and the oracle are
-Poisson forecasts with the training-split arm rate and the generator's true expected count.
+Poisson forecasts with the training-split arm rate and the generator's true expected count; the observable
+reference is the generator's posterior-predictive count given the past lesion counts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from scripts.bench.evaluation.scores import poisson_interval
+from scripts.bench.synthetic.reference import ObservableReference
 from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import arm_index
 from scripts.runtime.grids import on_grid
@@ -160,3 +162,11 @@ def poisson_predictions(expected: Mapping[str, float], arms: Sequence[str]) -> d
         mean = float(expected[arm])
         out[arm] = ArmPrediction(mean, 1.0 - math.exp(-mean), poisson_interval(mean))
     return out
+
+
+def reference_predictions(reference: ObservableReference, features: Mapping[str, float], arms: Sequence[str],
+                          horizon: float) -> dict[str, ArmPrediction]:
+    """The observable reference's forecast per arm from a case's past NET2 count (``net2_count_1``) and visit-0
+    Gd-enhancing count (``gd_count_0``), as counted on its masks."""
+    forecasts = reference.predict(int(features["net2_count_1"]), int(features["gd_count_0"]), arms, horizon)
+    return {arm: ArmPrediction(f.expected_count, f.p_active, list(f.interval_90)) for arm, f in forecasts.items()}

@@ -6,7 +6,8 @@ follows it.
 
 from __future__ import annotations
 
-METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression", "oracle")
+METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression", "reference",
+                             "oracle")
 
 
 METHOD_LABELS: dict[str, str] = {
@@ -15,11 +16,13 @@ METHOD_LABELS: dict[str, str] = {
     "unaware": "diffusion model, treatment-unaware",
     "population": "population: training-split arm rate",
     "regression": "negative-binomial regression on past lesion counts",
+    "reference": "observable reference: generator's posterior given the past counts",
     "oracle": "oracle: generator's true expected count",
 }
 
 
-COUNTERFACTUAL_METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression")
+COUNTERFACTUAL_METHODS: tuple[str, ...] = ("diffusion", "deterministic", "unaware", "population", "regression",
+                                            "reference")
 
 
 NOT_APPLICABLE = "not applicable: "
@@ -57,16 +60,18 @@ CONVENTIONS: dict[str, str] = {
     "count": "Expected count: diffusion models the mean lesion count over samples; deterministic network the "
              "lesion count of its mask (working grid); population the training-split arm rate (NET2 lesions per "
              "week, sum of counts over sum of horizons; arms absent from the training split use the pooled rate) "
-             "times the horizon; regression the mean of its fitted negative binomial; oracle the generator's true "
-             "expected count. MAE in lesions; Spearman rank "
-             "correlation (null when fewer than 2 cases or a constant series).",
+             "times the horizon; regression the mean of its fitted negative binomial; observable reference the "
+             "mean of its posterior-predictive count; oracle the generator's true expected count. MAE in "
+             "lesions; Spearman rank correlation (null when fewer than 2 cases or a constant series).",
     "interval": "90% interval: diffusion models the 5th-95th percentiles of the sample counts (linear "
                 "interpolation); population and oracle the 5% and 95% quantiles of a Poisson with the expected "
-                "count; regression the 5% and 95% quantiles of its fitted negative binomial; the deterministic "
+                "count; regression the 5% and 95% quantiles of its fitted negative binomial; observable reference "
+                "those of its posterior-predictive count (a Poisson mixture); the deterministic "
                 "network gives none. Coverage: share of cases with lo <= true count <= hi.",
     "activity": "Active = at least one true NET2 lesion. P(active): diffusion models the share of samples with a "
                 "lesion; deterministic network its largest voxel probability; population and oracle "
-                "1 - exp(-expected count) (Poisson); regression 1 - P(0) of its negative binomial. AUC and average "
+                "1 - exp(-expected count) (Poisson); regression 1 - P(0) of its negative binomial; observable "
+                "reference 1 - P(0) of its posterior-predictive count. AUC and average "
                 "precision from scikit-learn; balanced accuracy of P(active) >= 0.5. Null when only one class is "
                 "present.",
     "calibration": "Voxel probabilities of the factual forecast against the truth, pooled over cases, on the brain "
@@ -85,11 +90,17 @@ CONVENTIONS: dict[str, str] = {
                "generator's tissue map (synthetic) or the brain the region map finds (real data). AP = scikit-learn "
                "average precision on the domain's voxels against the realised mask, and against the share of "
                "independent outcome draws with a lesion (each voxel a positive with that weight and a negative with "
-               "the rest: the draws pooled); mean over cases. LL = Bernoulli log-likelihood per domain voxel, "
+               "the rest: the draws pooled); within case = mean of the cases' APs, pooled = one AP over every "
+               "case's domain voxels (probabilities binned in 50 log-spaced bins per decade from 1e-8, ties within "
+               "a bin share one threshold). LL = Bernoulli log-likelihood per domain voxel, "
                "probabilities clipped to [1e-6, 1 - 1e-6], pooled over cases. The location oracle is the generator's "
                "true probability given the past and the expected count (truth/<id>_location_oracle.nii.gz); AP "
-               "ratios are against it. Lesion sizes: 26-connected lesions of every sample (working grid) and of the "
-               "true masks (their own grid), pooled.",
+               "ratios are against it. The region prior knows only the generator's region weights of a new "
+               "lesion's centre, each spread evenly over its region and scaled to the oracle's mass "
+               "(truth/<id>_region_prior.nii.gz). The oracle's per-sample lesion detection scores the cohort's "
+               "independent outcome draws of the factual arm against the realised mask as if they were samples. "
+               "Lesion sizes: 26-connected lesions of every sample (working grid) and of the true masks (their own "
+               "grid), pooled.",
     "counterfactual": "With truth/<id>.json: every forecast arm against the generator's true expected count "
                       "(count error) and true counterfactual mask (Dice, lesion F1, GED). Effects against placebo "
                       "per case: count ratio (null where the predicted placebo count is 0) and count difference; "
@@ -115,6 +126,10 @@ BASELINE_DESCRIPTIONS: dict[str, str] = {
     "regression": "a negative-binomial (NB2) regression of the NET2 count on the past visits' lesion counts and T2 "
                   "volumes (log1p), the arm and the horizon (offset), fitted on the training split with statsmodels: "
                   "what a trial statistician would fit without images",
+    "reference": "the generator's own posterior-predictive count given what the past visits show (the NET2 count "
+                 "between them and the Gd-enhancing count at visit 0; scripts/bench/synthetic/reference.py): the best "
+                 "count forecast the inputs allow under the generator's model, up to what the T2 load adds "
+                 "(synthetic cohorts only)",
     "oracle": "the generator's true expected count of the patient under the arm: the best any count forecast can "
               "do on average (an upper bound for count and activity)",
 }

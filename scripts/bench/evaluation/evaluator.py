@@ -20,8 +20,10 @@ there with nearest-neighbour resampling, probability maps with linear interpolat
 
 Methods: the diffusion model; the deterministic network (``DeterministicForecastNet`` thresholded at 0.5); the
 diffusion model trained without treatment (forecast with the null treatment token, so every arm gets the same
-forecast); the population baseline (the arm's NET2 rate in the training split); the oracle (the generator's true
-expected count). The conventions (:data:`CONVENTIONS`) are written into ``metrics.json`` and the report.
+forecast); the population baseline (the arm's NET2 rate in the training split); the negative-binomial regression on
+the past lesion counts; the observable reference (the generator's posterior-predictive count given the past counts);
+the oracle (the generator's true expected count). The conventions (:data:`CONVENTIONS`) are written into
+``metrics.json`` and the report.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from scripts.bench.evaluation.baselines import (
     load_mask_on,
     mask_on_grid,
     poisson_predictions,
+    reference_predictions,
 )
 from scripts.bench.evaluation.conventions import CONVENTIONS, COUNTERFACTUAL_METHODS, DISTANCE_MM, METHOD_LABELS
 from scripts.bench.evaluation.location import case_location
@@ -70,6 +73,7 @@ from scripts.bench.evaluation.summary import (
     summarize_factual,
     summarize_location,
 )
+from scripts.bench.synthetic.reference import ObservableReference
 from scripts.runtime.constants import ARMS
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.errors import CaseError, ForecastFailed
@@ -158,6 +162,7 @@ class Evaluator:
         self.population_note: str | None = None
         self.regression: CountRegression | None = None
         self.regression_note: str | None = None
+        self.reference = ObservableReference()
         self.arms: list[str] = []
         self.num_samples: int | None = None
         self.failed: list[str] = []
@@ -295,9 +300,11 @@ class Evaluator:
         if self.population is not None:
             rates = self.population["rate_per_week"]
             out["population"] = poisson_predictions({arm: rates[arm] * horizon for arm in arms}, arms)
+        features = observable_features(case) if self.regression is not None or truth is not None else {}
         if self.regression is not None:
-            out["regression"] = self.regression.predict(observable_features(case), arms, horizon)
-        if truth is not None:
+            out["regression"] = self.regression.predict(features, arms, horizon)
+        if truth is not None:  # the reference is the generator's model: synthetic cohorts only
+            out["reference"] = reference_predictions(self.reference, features, arms, horizon)
             out["oracle"] = poisson_predictions(truth["expected_count"], arms)
         return out
 
@@ -391,6 +398,7 @@ class Evaluator:
             "population": (self.population is not None, self.population_note or "not available"),
             "regression": (self.regression is not None,
                            self.regression_note or self.population_note or "not available"),
+            "reference": (bool(with_truth), truth_note or "not available"),
             "oracle": (bool(with_truth), truth_note or "not available"),
         }
         for method, (available, note) in availability.items():

@@ -1,11 +1,13 @@
 """Where the forecast puts its probability: per-case location scores of every method that outputs a voxel map.
 
 For one case and its factual arm, each map (the diffusion model's, the baseline networks', and with a synthetic
-truth file the generator's location oracle) is scored on the brain domain: the parenchyma of the generator's tissue
-map, or for real data the brain the region map finds in the case's own images. Scores: voxel average precision and
-the summed log-likelihood against the realised NET2 mask and, with outcome draws, against the share of independent
-outcome draws with a lesion at each voxel; the share of the map's mass outside the domain, and its mass by tissue
-and by region. The sizes of the sampled and the true lesions complete the picture.
+truth file the generator's location oracle and region prior) is scored on the brain domain: the parenchyma of the
+generator's tissue map, or for real data the brain the region map finds in the case's own images. Scores: voxel
+average precision and the summed log-likelihood against the realised NET2 mask and, with outcome draws, against the
+share of independent outcome draws with a lesion at each voxel (with binned histograms for the pooled AP); the share
+of the map's mass outside the domain, and its mass by tissue and by region. The sizes of the sampled and the true
+lesions complete the picture, and the outcome draws scored as samples give the per-sample lesion detection's
+ceiling.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from scripts.bench.evaluation.scores import bernoulli_log_likelihood, mass_share, voxel_average_precision
+from scripts.bench.evaluation.scores import (
+    bernoulli_log_likelihood,
+    mass_share,
+    probability_histogram,
+    voxel_average_precision,
+)
 from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS
 from scripts.runtime.constants import ARMS
 from scripts.runtime.grids import on_grid
@@ -26,6 +33,8 @@ from scripts.runtime.regions import REGIONS
 
 ORACLE = "location_oracle"
 """Name of the generator's location oracle among the scored maps."""
+REGION_PRIOR = "region_prior"
+"""Name of the generator's region-weights-only map among the scored maps."""
 
 
 def volume_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: list[int], mode: str,
@@ -44,6 +53,7 @@ def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes:
     inside = prob[domain]
     out: dict[str, Any] = {
         "ap_truth": voxel_average_precision(prob, label, domain),
+        "histogram_truth": probability_histogram(prob, label, domain),
         "ll_truth_sum": float(bernoulli_log_likelihood(inside, label[domain]).sum()),
         "voxels": int(domain.sum()),
         "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else 1.0 - share,
@@ -51,6 +61,7 @@ def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes:
     }
     if outcomes is not None:
         out["ap_outcomes"] = voxel_average_precision(prob, outcomes, domain)
+        out["histogram_outcomes"] = probability_histogram(prob, outcomes, domain)
         out["ll_outcomes_sum"] = float(bernoulli_log_likelihood(inside, outcomes[domain]).sum())
     if tissue is not None:
         out["mass_by_tissue"] = {name: mass_share(prob, tissue == code) for code, name in TISSUE_LABELS.items()
@@ -71,14 +82,18 @@ def case_location(maps: Mapping[str, np.ndarray], label: np.ndarray, regions: np
     else:
         domain, domain_name = regions > 0, "brain found in the case's own images (region map)"
     scored = dict(maps)
-    oracle = truth.get("location_oracle", {})
-    if "map" in oracle:
-        coverage = volume_on_grid(truth_root / oracle["map"], affine, shape, "bilinear")
-        scored[ORACLE] = np.clip(float(oracle["keep_probability"][factual]) * coverage, 0.0, 1.0)
+    for name in (ORACLE, REGION_PRIOR):  # both hold the placebo map and every arm's keep probability
+        reference = truth.get(name, {})
+        if "map" in reference:
+            coverage = volume_on_grid(truth_root / reference["map"], affine, shape, "bilinear")
+            scored[name] = np.clip(float(reference["keep_probability"][factual]) * coverage, 0.0, 1.0)
     draws = truth.get("outcome_draws", {})
     if "frequency" in draws:
         outcomes = np.clip(volume_on_grid(truth_root / draws["frequency"], affine, shape, "bilinear",
                                           index=list(draws.get("arms", ARMS)).index(factual)), 0.0, 1.0)
-    return {"domain": domain_name, "outcome_draws": draws.get("draws") if outcomes is not None else None,
-            "methods": {name: score_map(prob, label, domain, outcomes, tissue, regions)
-                        for name, prob in scored.items()}}
+    out: dict[str, Any] = {
+        "domain": domain_name, "outcome_draws": draws.get("draws") if outcomes is not None else None,
+        "methods": {name: score_map(prob, label, domain, outcomes, tissue, regions) for name, prob in scored.items()}}
+    if "factual_detection" in draws and truth.get("treatment") == factual:
+        out["oracle_sample_lesions"] = draws["factual_detection"]
+    return out

@@ -125,16 +125,24 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
     sp = metrics.get("spatial") or {}
     if not sp.get("n_cases"):
         return []
-    labels = {**METHOD_LABELS, "location_oracle": "location oracle: generator's true probability given the past"}
-    rows = []
+    labels = {**METHOD_LABELS, "location_oracle": "location oracle: generator's true probability given the past",
+              "region_prior": "region prior: generator's region weights only"}
+    rows, region_rows = [], []
+    regions = list(dict.fromkeys(k for m in sp["methods"].values() for k in (m.get("mass_by_region") or {})))
     for name, m in sp["methods"].items():
         ratio = m.get("ap_ratio_to_oracle") or {}
         tissue = m.get("mass_by_tissue") or {}
         rows.append([labels.get(name, name), fmt(m["n_cases"]), fmt(m.get("ap_truth_mean"), 4),
-                     fmt(m.get("ap_outcomes_mean"), 4), fmt(ratio.get("ap_outcomes_mean")),
+                     fmt(m.get("ap_truth_pooled"), 4), fmt(m.get("ap_outcomes_mean"), 4),
+                     fmt(m.get("ap_outcomes_pooled"), 4), fmt(ratio.get("ap_outcomes_mean")),
+                     fmt(ratio.get("ap_outcomes_pooled")),
                      fmt(m.get("ll_truth_per_voxel"), 5), fmt(m.get("ll_outcomes_per_voxel"), 5),
                      fmt(m.get("mass_outside_domain_mean"), percent=True),
                      fmt(tissue.get("white_matter"), percent=True), fmt(tissue.get("cortical_gm"), percent=True)])
+        by_region = m.get("mass_by_region") or {}
+        region_rows.append([labels.get(name, name), *(fmt(by_region.get(r), percent=True) for r in regions),
+                            fmt(1.0 - sum(v for v in by_region.values() if v is not None), percent=True)
+                            if by_region else "–"])
     sizes = sp["lesion_sizes"]
 
     def size_text(kind: str) -> str:
@@ -142,17 +150,33 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
         return (f"median {fmt(s['median_voxels'], 1)} voxels, {fmt(s['single_voxel_share'], percent=True)} single "
                 f"voxels ({s['lesions']} lesions)")
 
-    return [
+    lines = [
         "## Where the probability lies", "",
         f"Factual arm, {sp['n_cases']} case(s); domain: {'; '.join(sp['domain'])}. AP: voxel average precision "
-        "of the map on the domain (mean over cases), against the realised NET2 mask and against the share of "
-        "independent outcome draws with a lesion (when the cohort holds them); LL: mean log-likelihood per domain "
-        "voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.", "",
-        _table(["map", "n", "AP vs truth", "AP vs outcome draws", "AP ratio to oracle", "LL vs truth",
-                "LL vs outcome draws", "mass outside domain", "mass in white matter", "mass in cortex"], rows), "",
-        f"Lesion sizes: sampled lesions (diffusion model, working grid) {size_text('sampled')}; true lesions "
-        f"{size_text('true')}.", "",
+        "of the map on the domain, within case (mean of the cases' APs) and pooled over the cases, against the "
+        "realised NET2 mask and against the share of independent outcome draws with a lesion (when the cohort "
+        "holds them); ratios to the location oracle's AP against the outcome draws; LL: mean log-likelihood per "
+        "domain voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.", "",
+        _table(["map", "n", "AP vs truth, within case", "AP vs truth, pooled", "AP vs outcome draws, within case",
+                "AP vs outcome draws, pooled", "AP ratio to oracle, within case", "AP ratio to oracle, pooled",
+                "LL vs truth", "LL vs outcome draws", "mass outside domain", "mass in white matter",
+                "mass in cortex"], rows), "",
     ]
+    if regions:
+        lines += ["Share of each map's probability mass by region (region map of the case's images; the rest lies "
+                  "outside every region):", "",
+                  _table(["map", *(r.replace("_", " ") for r in regions), "elsewhere"], region_rows), ""]
+    lines += [f"Lesion sizes: sampled lesions (diffusion model, working grid) {size_text('sampled')}; true lesions "
+              f"{size_text('true')}.", ""]
+    ceiling = sp.get("oracle_sample_lesions")
+    if ceiling:
+        lines += [f"Per-sample lesion detection of the oracle (the cohort's {ceiling['n_samples']} outcome draws of "
+                  f"{ceiling['n_cases']} case(s) scored as samples against the realised mask): precision "
+                  f"{fmt(ceiling['precision'], 3)}, recall {fmt(ceiling['recall'], 3)}, F1 {fmt(ceiling['f1'], 3)} "
+                  f"({ceiling['tp']} of {ceiling['true_lesions']} true lesion instances hit by "
+                  f"{ceiling['forecast_lesions']} drawn lesions): the ceiling of the per-sample lesion F1 on this "
+                  "bench.", ""]
+    return lines
 
 
 def render_report(metrics: Mapping[str, Any]) -> str:

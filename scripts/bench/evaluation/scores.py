@@ -391,3 +391,40 @@ def size_summary(sizes: Sequence[int]) -> dict[str, Any]:
 def lesion_sizes(masks: Iterable[np.ndarray]) -> dict[str, Any]:
     """:func:`size_summary` of the lesions of several binary masks, pooled."""
     return size_summary([s for mask in masks for s in lesion_voxel_counts(mask)])
+
+
+PROBABILITY_BINS_PER_DECADE = 50
+PROBABILITY_FLOOR = 1e-8
+"""Pooled AP bins: bin 0 holds probabilities below the floor, then 50 log-spaced bins per decade up to 1."""
+
+
+def probability_histogram(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> list[list[float]]:
+    """Positive and negative weight of the voxels ``where`` per probability bin, as sparse ``[bin, positive,
+    negative]`` rows (a fractional target counts ``t`` positive and ``1 - t`` negative): enough to pool the AP of
+    many cases without keeping their voxels."""
+    p, t = _voxels(prob, target, where)
+    decades = -math.log10(PROBABILITY_FLOOR)
+    index = np.where(p < PROBABILITY_FLOOR, 0, 1 + np.floor(
+        (np.log10(np.maximum(p, PROBABILITY_FLOOR)) + decades) * PROBABILITY_BINS_PER_DECADE)).astype(np.int64)
+    index = np.minimum(index, int(decades * PROBABILITY_BINS_PER_DECADE))
+    positive = np.bincount(index, weights=t)
+    negative = np.bincount(index, weights=1.0 - t)
+    return [[int(i), float(positive[i]), float(negative[i])] for i in np.flatnonzero(positive + negative)]
+
+
+def histogram_average_precision(histograms: Iterable[Sequence[Sequence[float]]]) -> float | None:
+    """Average precision of :func:`probability_histogram` rows summed over cases (ties within a bin share one
+    threshold, as scikit-learn treats equal scores); None without any positive."""
+    positive: dict[int, float] = {}
+    negative: dict[int, float] = {}
+    for rows in histograms:
+        for i, pos, neg in rows:
+            positive[int(i)] = positive.get(int(i), 0.0) + pos
+            negative[int(i)] = negative.get(int(i), 0.0) + neg
+    bins = sorted(positive, reverse=True)
+    pos = np.array([positive[i] for i in bins])
+    neg = np.array([negative[i] for i in bins])
+    if pos.sum() <= 0:
+        return None
+    precision = np.cumsum(pos) / np.maximum(np.cumsum(pos + neg), 1e-300)
+    return float(np.sum(precision * pos) / pos.sum())

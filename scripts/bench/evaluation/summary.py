@@ -14,6 +14,7 @@ from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
     activity_metrics,
     count_metrics,
+    histogram_average_precision,
     interval_coverage,
     mean_or_none,
     ranking_agreement,
@@ -226,12 +227,16 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         voxels = sum(c["voxels"] for c in cells)
         ll_truth = sum(c["ll_truth_sum"] for c in cells) / voxels if voxels else None
         entry: dict[str, Any] = {"n_cases": len(cells), "ap_truth_mean": mean_or_none(c["ap_truth"] for c in cells),
+                                 "ap_truth_pooled": histogram_average_precision(
+                                     c["histogram_truth"] for c in cells if "histogram_truth" in c),
                                  "ll_truth_per_voxel": ll_truth,
                                  "mass_outside_domain_mean": mean_or_none(c["mass_outside_domain"] for c in cells)}
         with_outcomes = [c for c in cells if "ap_outcomes" in c]
         if with_outcomes:
             n = sum(c["voxels"] for c in with_outcomes)
             entry["ap_outcomes_mean"] = mean_or_none(c["ap_outcomes"] for c in with_outcomes)
+            entry["ap_outcomes_pooled"] = histogram_average_precision(
+                c["histogram_outcomes"] for c in with_outcomes if "histogram_outcomes" in c)
             entry["ll_outcomes_per_voxel"] = sum(c["ll_outcomes_sum"] for c in with_outcomes) / n if n else None
         for group in ("mass_by_tissue", "mass_by_region"):
             keys = list(dict.fromkeys(k for c in cells for k in c.get(group, {})))
@@ -243,8 +248,13 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for entry in methods.values():
             entry["ap_ratio_to_oracle"] = {
                 key: entry[key] / oracle[key] if entry.get(key) is not None and oracle.get(key) else None
-                for key in ("ap_truth_mean", "ap_outcomes_mean")}
+                for key in ("ap_truth_mean", "ap_outcomes_mean", "ap_truth_pooled", "ap_outcomes_pooled")}
     domains = sorted({r["location"]["domain"] for r in located})
     sizes = {kind: size_summary([s for r in records for s in r.get("lesion_sizes", {}).get(kind, [])])
              for kind in ("sampled", "true")}
-    return {"n_cases": len(located), "domain": domains, "methods": methods, "lesion_sizes": sizes}
+    out = {"n_cases": len(located), "domain": domains, "methods": methods, "lesion_sizes": sizes}
+    ceiling = [r["location"]["oracle_sample_lesions"] for r in located if "oracle_sample_lesions" in r["location"]]
+    if ceiling:
+        out["oracle_sample_lesions"] = {**pooled_detection(ceiling), "n_cases": len(ceiling),
+                                        "n_samples": sum(t["n_samples"] for t in ceiling)}
+    return out

@@ -15,7 +15,7 @@ from scripts.bench.synthetic.anatomy import Anatomy, Grid, as_triple, build_anat
 from scripts.bench.synthetic.config import GENERATOR_VERSION, TISSUE_LABELS, VISIT_INTERVAL_WEEKS, CohortConfig
 from scripts.bench.synthetic.disease import Lesion, LesionPlacer, lesion_maps, patient_efficacy
 from scripts.bench.synthetic.mri import synthesize_mri
-from scripts.bench.synthetic.oracle import coverage_map, draw_outcomes
+from scripts.bench.synthetic.oracle import coverage_map, draw_detection, draw_outcomes, region_prior_map
 from scripts.runtime.constants import ARMS, IMAGE_KEYS, MRI_MODALITIES, VISITS
 from scripts.runtime.lesions import count_lesions
 
@@ -34,6 +34,7 @@ class SyntheticCase:
     truth: dict[str, Any] = field(default_factory=dict)
     location_oracle: np.ndarray | None = None  # c(v): P(NET2 at v | arm) = (1 - e_p(arm)) c(v), see oracle.py
     outcome_frequency: dict[str, np.ndarray] | None = None  # arm -> share of independent outcome draws with NET2 at v
+    region_prior: np.ndarray | None = None  # the generator's region weights only, scaled like c(v), see oracle.py
 
 
 def case_id_of(index: int) -> str:
@@ -299,12 +300,15 @@ def generate_case(
         case.location_oracle = coverage_map(LesionPlacer(grid, anatomy, cfg, s_oracle), prior, recent,
                                             patient.lam_future, cfg.enlarging_fraction, int(oracle_draws))
         truth["location_oracle"] = {"draws": int(oracle_draws), "keep_probability": keep}
+        case.region_prior = region_prior_map(LesionPlacer(grid, anatomy, cfg, s_oracle),
+                                             float(case.location_oracle.sum(dtype=np.float64)))
     if outcome_draws > 0:
         outcomes = draw_outcomes(LesionPlacer(grid, anatomy, cfg, s_outcomes), prior, recent, patient.lam_future,
                                  cfg.enlarging_fraction, keep, int(outcome_draws))
         case.outcome_frequency = {arm: masks.mean(0, dtype=np.float64).astype(np.float32)
                                   for arm, masks in outcomes.items()}
-        truth["outcome_draws"] = {"draws": int(outcome_draws), "arms": list(ARMS)}
+        truth["outcome_draws"] = {"draws": int(outcome_draws), "arms": list(ARMS),
+                                  "factual_detection": draw_detection(outcomes[treatment], counterfactual[treatment])}
     return case
 
 

@@ -18,7 +18,7 @@ from scripts.runtime.lesions import CONNECTIVITY_26, label_lesions
 _CHRONIC_REGION_WEIGHTS = {"periventricular": 0.45, "deep_white": 0.28, "juxtacortical": 0.15, "infratentorial": 0.12}
 
 
-_NEW_REGION_WEIGHTS = {
+NEW_REGION_WEIGHTS = {
     "near_lesion": 0.20,
     "periventricular": 0.35,
     "deep_white": 0.25,
@@ -297,7 +297,7 @@ class LesionPlacer:
         # The region is kept for several tries so crowded regions (periventricular rims of confluent lesions) are
         # not silently under-sampled; later rounds draw smaller lesions so crowded brains still find room.
         for round_ in range(4):
-            cand = self._pick_region(_NEW_REGION_WEIGHTS, near)
+            cand = self._pick_region(NEW_REGION_WEIGHTS, near)
             free = cand[~blocked[cand]]
             if free.size == 0:
                 continue

@@ -10,7 +10,9 @@ where ``E_i`` is the i-th event of the pool and ``N`` the pool size. :func:`cove
 Monte-Carlo draws of whole event sequences with the generator's own placement code and fresh random streams
 (Rao-Blackwellised over ``N``: event ``i`` of a draw counts with weight ``P(N > i)``). :func:`draw_outcomes` draws
 independent realisations of the future NET2 masks of the same case (pool size, kinds, placement and thinning), for
-scoring forecasts against the outcome distribution instead of one noisy realisation.
+scoring forecasts against the outcome distribution instead of one noisy realisation; :func:`draw_detection` scores
+those draws lesion by lesion against the realised mask (the per-sample lesion F1 a perfect sampler would reach).
+:func:`region_prior_map` is the weaker reference that knows only the generator's region weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from scripts.bench.synthetic.disease import LesionPlacer
+from scripts.bench.synthetic.disease import NEW_REGION_WEIGHTS, LesionPlacer
+from scripts.runtime.lesions import lesion_matching
 
 
 def pool_length(lam: float, tail: float = 1e-6) -> int:
@@ -69,3 +72,33 @@ def draw_outcomes(placer: LesionPlacer, prior_mask: np.ndarray, recent_mask: np.
                 if u[i] < keep:
                     out[arm][d, event.voxels] = True
     return {arm: masks.reshape(draws, *prior_mask.shape) for arm, masks in out.items()}
+
+
+def region_prior_map(placer: LesionPlacer, total: float) -> np.ndarray:
+    """The generator's region weights only: each region's new-lesion weight spread evenly over its candidate voxels
+    (no prior lesions, so no near-lesion share and no enlargements), scaled so the map sums to ``total`` (the
+    expected number of NET2 voxels, e.g. the location oracle's sum) and clipped to 1 (float32, the grid's shape)."""
+    density = np.zeros(placer.grid.shape, np.float64).ravel()
+    names = [k for k in NEW_REGION_WEIGHTS if k != "near_lesion" and placer.candidates[k].size]
+    if not names:
+        names, weights = ["any"], np.ones(1)
+    else:
+        weights = np.array([NEW_REGION_WEIGHTS[k] for k in names])
+    for name, w in zip(names, weights / weights.sum(), strict=True):
+        density[placer.candidates[name]] += w / placer.candidates[name].size
+    return np.clip(total * density, 0.0, 1.0).reshape(placer.grid.shape).astype(np.float32)
+
+
+def draw_detection(draws: np.ndarray, realised: np.ndarray) -> dict[str, int]:
+    """Lesion-wise detection of every outcome draw (``(draws, *grid)`` bool) against the realised mask, summed over
+    the draws with the evaluation's conventions (a true lesion is detected, a drawn lesion matched, when they
+    share a voxel): the per-sample lesion detection of a sampler that draws from the true distribution."""
+    keys = ("tp", "fp", "fn", "n_forecast_lesions", "n_true_lesions", "matched_forecast_lesions")
+    out = dict.fromkeys(keys, 0)
+    for draw in draws:
+        m = lesion_matching(draw, realised)
+        for key, value in zip(keys, (m.tp, m.fp, m.fn, m.matched.size, m.detected.size, int(m.matched.sum())),
+                              strict=True):
+            out[key] += int(value)
+    out["n_samples"] = int(draws.shape[0])
+    return out
