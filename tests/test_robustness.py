@@ -386,6 +386,88 @@ def test_interrupted_checkpoint_save_leaves_no_file(tmp_path: Path, monkeypatch:
     assert torch.equal(torch.load(tmp_path / "checkpoint_epoch=1.pt")["w"], torch.zeros(3))
 
 
+# a training process whose second save is killed (SIGKILL) in the middle of writing the file
+_KILLED_SAVE = """
+import sys, time
+import torch
+from ignite.engine import Engine, Events
+from scripts.training.engines import AtomicCheckpointSaver, TrainerCheckpointSaver
+
+folder, kind = sys.argv[1], sys.argv[2]
+network = torch.nn.Linear(2, 2)
+engine = Engine(lambda engine, batch: None)
+engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(score=float(e.state.epoch)))
+if kind == "trainer":
+    TrainerCheckpointSaver(folder, {"network": network}, save_interval=1, n_saved=1).attach(engine)
+else:
+    AtomicCheckpointSaver(folder, {"model": network}, save_key_metric=True, key_metric_name="score",
+                          key_metric_filename="model.pt").attach(engine)
+save = torch.save
+
+def slow_save(obj, handle, **kwargs):
+    if engine.state.epoch < 2:
+        return save(obj, handle, **kwargs)
+    handle.write(b"half a checkpoint")
+    handle.flush()
+    print("saving", flush=True)
+    time.sleep(600)
+
+torch.save = slow_save
+engine.run([0], max_epochs=2)
+"""
+
+
+@pytest.mark.parametrize(("kind", "name"), [("trainer", "checkpoint_epoch=1.pt"), ("best", "model.pt")])
+def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, kind: str, name: str) -> None:
+    """ignite removes the file a save replaces before writing the new one; a kill at that moment must still leave the
+    previous checkpoint whole."""
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), kind], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert process.stdout.readline() == "saving\n", process.stderr.read()
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    checkpoints = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert checkpoints == [name]
+    state = torch.load(tmp_path / name, weights_only=False)
+    assert "weight" in (state["network"] if kind == "trainer" else state)
+    if kind == "trainer":
+        assert _epoch_of(tmp_path / name) == 1
+
+
+def test_resume_removes_a_superseded_checkpoint(tmp_path: Path) -> None:
+    """A kill after a checkpoint is written but before the one it replaces is deleted leaves both; the resumed run
+    keeps ``n_saved`` of them."""
+    from ignite.engine import Engine, Events
+
+    for epoch in (1, 2):
+        torch.save({"w": torch.zeros(1)}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    engine = Engine(lambda engine, batch: None)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 2))
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
+                           n_saved=1).attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda e: e.terminate())
+    engine.run([0], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+
+
+def test_last_epoch_is_always_checkpointed(tmp_path: Path) -> None:
+    """With ``save_interval`` 5, a 7-epoch run saves epoch 5 and then its last epoch, 7 (``n_saved`` 1: only 7)."""
+    from ignite.engine import Engine
+
+    engine = Engine(lambda engine, batch: None)
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
+                           n_saved=1).attach(engine)
+    engine.run([0], max_epochs=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=7.pt"]
+    engine.run([0], max_epochs=7)  # nothing left to train: nothing saved again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=7.pt"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training killed with SIGKILL mid-epoch resumes from the last checkpoint
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,10 +518,27 @@ def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) ->
     assert result.returncode == 0, output[-3000:]
     assert f"resuming from {last}" in output and f"resumed at epoch {epoch}," in output, output[-3000:]
     assert f"Epoch [{epoch}/3]" not in output and f"Epoch [{epoch + 1}/3]" in output  # continues at epoch + 1
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt"]
-    for checkpoint in models.iterdir():  # every checkpoint is whole
-        assert _epoch_of(checkpoint) == 3
+    # the last epoch is validated although val_interval is 100: the best weights and the EMA weights of epoch 3
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "ema_model_epoch=3.pt", "model.pt"]
+    assert _epoch_of(models / "checkpoint_epoch=3.pt") == 3  # whole
     shutil.rmtree(tmp_path / "tensorboard", ignore_errors=True)
+
+
+def test_one_epoch_training_leaves_weights_and_a_checkpoint(tiny_cohort: Path, tmp_path: Path) -> None:
+    """A run shorter than ``checkpoint_interval`` and ``val_interval`` still ends with ``model.pt`` and a checkpoint
+    to resume from."""
+    flags = list(TRAIN_FLAGS)
+    flags[flags.index("--checkpoint_interval") + 1] = "5"
+    flags[flags.index("--train#trainer#max_epochs") + 1] = "1"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json",
+               "--datalist", str(tiny_cohort), "--output_dir", str(tmp_path), *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "ema_model_epoch=1.pt", "model.pt"]
+    assert _epoch_of(models / "checkpoint_epoch=1.pt") == 1
+    weights = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert any(name.endswith(".weight") for name in weights)  # a network's state dict
 
 
 def test_fields_of_view_overlap() -> None:

@@ -31,7 +31,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.engines.utils import DiffusionPrepareBatch, IterationEvents, PrepareBatch
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 
 from scripts.runtime.constants import NULL_TREATMENT
 from scripts.runtime.files import atomic_path, remove_stale_temporaries
@@ -166,22 +166,39 @@ def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
 
 
 class AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` that writes a temporary file (:func:`~scripts.runtime.files.atomic_path`), syncs, renames.
+    """ignite ``DiskSaver`` that writes a temporary file (:func:`~scripts.runtime.files.atomic_path`), syncs, renames,
+    and only then deletes the checkpoint the new one replaces.
 
     A run killed while saving leaves at most that hidden temporary file (removed by the next resume, see
     :func:`scripts.runtime.files.remove_stale_temporaries`), never a half written checkpoint under a checkpoint's name.
-    ``filename`` fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g. ``model.pt``).
+    ignite's ``Checkpoint`` asks its saver to remove the oldest file *before* it writes the new one; with
+    ``n_saved: 1`` a kill in between would leave no checkpoint at all, so removals wait here until the new file is in
+    place. ``filename`` fixes the file name whatever the checkpoint's score (as MONAI's own saver does, e.g.
+    ``model.pt``); the rename then replaces the old file in one step.
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, atomic=True, require_empty=False)
         self.filename = filename
+        self.pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        target = self.filename or filename
+        super().__call__(checkpoint, target, metadata)
+        pending, self.pending_removal = self.pending_removal, []
+        for name in pending:
+            if name != target:  # a file of the same name was just replaced by the rename
+                self._remove_now(name)
 
     def remove(self, filename: str) -> None:
-        super().remove(self.filename or filename)
+        """Remove ``filename`` once the next checkpoint is written (ignite calls this just before saving)."""
+        self.pending_removal.append(self.filename or filename)
+
+    def _remove_now(self, filename: str) -> None:
+        try:
+            super().remove(filename)
+        except FileNotFoundError:  # already gone (removed by hand, or by the resume's bookkeeping)
+            pass
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         # fsync: the rename must not reach the disk before the data (power loss)
@@ -216,6 +233,18 @@ class TrainerCheckpointSaver(AtomicCheckpointSaver):
         self.save_dict.setdefault("trainer", engine)
         super().attach(engine)
         engine.add_event_handler(Events.STARTED, self._count_earlier_checkpoints)
+        if self._interval_checkpoint is not None and self.epoch_level:
+            engine.add_event_handler(Events.COMPLETED, self._save_last_epoch)
+
+    def _save_last_epoch(self, engine: Engine) -> None:
+        """Checkpoint the last epoch of a run whose length is not a multiple of ``save_interval`` (a one-epoch run
+        would otherwise leave nothing to resume from)."""
+        if engine.state.epoch == 0 or engine.state.epoch % self.save_interval == 0:
+            return  # nothing trained, or the interval saver has just written this epoch
+        saved = epoch_checkpoints(self.save_dir)
+        if saved and saved[-1][0] == engine.state.epoch:
+            return  # a resumed run that had nothing left to train
+        self.interval_completed(engine)
 
     def _count_earlier_checkpoints(self, engine: Engine) -> None:
         """On a resumed run, count the checkpoints already on disk against ``n_saved``.
@@ -228,8 +257,33 @@ class TrainerCheckpointSaver(AtomicCheckpointSaver):
             return
         earlier = [(epoch, os.path.basename(path)) for epoch, path in epoch_checkpoints(self.save_dir)
                    if epoch <= engine.state.epoch]
+        keep = len(earlier) if checkpoint.n_saved is None else checkpoint.n_saved
+        # a run killed between writing a checkpoint and deleting the one it replaces leaves both
+        superseded, earlier = earlier[: max(len(earlier) - keep, 0)], earlier[max(len(earlier) - keep, 0):]
+        for _, name in superseded:
+            logger.info("removed %s, superseded by a later checkpoint", os.path.join(self.save_dir, name))
+            checkpoint.save_handler._remove_now(name)
         # the state's key is "saved" or "_saved", depending on the ignite version
         checkpoint.load_state_dict({key: earlier for key in checkpoint.state_dict()})
+
+
+class FinalValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` that also validates after the last epoch when it is not on the interval.
+
+    The best-model saver runs on validation, so without this a run shorter than ``val_interval`` epochs (or one whose
+    length is not a multiple of it) would end without ``model.pt`` or with weights older than its last epochs. It fires
+    at the last ``EPOCH_COMPLETED``, before the trainer's checkpoint of that epoch, so the checkpoint records the
+    validation's best score.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._last_epoch)
+
+    def _last_epoch(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % self.interval != 0:
+            self(engine)
 
 
 class ValidationState:
