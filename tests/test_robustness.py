@@ -8,6 +8,8 @@ case, and each bad input is then checked on that run's report.
 from __future__ import annotations
 
 import csv
+import errno
+import gzip
 import json
 import os
 import re
@@ -25,8 +27,10 @@ import pytest
 import torch
 
 from scripts.runtime import errors, files
+from scripts.runtime import forecast as forecast_module
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOADED_KEYS, VISIT1_MRI_KEYS
 from scripts.runtime.datalist import CaseDataset
+from scripts.runtime.errors import ForecastFailed, ForecastInterrupted, InputError
 from scripts.runtime.forecast import ForecastRunner
 from scripts.runtime.grids import fields_of_view_overlap, world_bounding_box
 from scripts.runtime.network import ForecastDiffusionUNet
@@ -96,7 +100,53 @@ BAD: dict[str, tuple[str, list[str]]] = {
     "#13": ("id", ["required key missing"]),
     "no_visit1_mri": ("flair_1", ["no MRI of visit 1"]),
     "label_elsewhere": ("label", ["does not overlap", "flair_1"]),
+    "image_is_folder": ("t1_1", ["is a folder, not a file", "{path}"]),
+    "image_is_fifo": ("t2_1", ["is a FIFO, not a regular file", "{path}"]),
+    "image_is_device": ("pd_1", ["is a device, not a regular file", "/dev/zero"]),
+    "mask_labels": ("t2les_1", ["expected a binary mask", "3 values: 0, 1, 2"]),
+    "header_promises_more": ("t1_1", ["cannot read", "header promises", "{path}"]),
+    "huge_image": ("t1_1", ["not read", "8,589,934,592 voxels", "max_image_voxels", "{path}"]),
+    "zero_sform": ("t1_1", ["sform (code 1) is singular", "{path}"]),
+    "no_orientation": ("flair_1", ["sform and qform codes are 0", "{path}"]),
+    "flipped_qform": ("t2_1", ["orient the image differently", "{path}"]),
 }
+
+# bad ids: id -> (the id as the report shows it, words the reason must hold)
+BAD_IDS: dict[str, tuple[str, list[str]]] = {
+    "x" * 300: ("x" * 128 + "...", ["300 characters", "at most 128"]),
+    "summary.csv": ("summary.csv", ["name of a file the command writes"]),
+    "Report.MD": ("Report.MD", ["name of a file the command writes"]),
+    ".keep.tmp-999999@vm-x": (".keep.tmp-999999@vm-x", ["must not start with '.'"]),
+    "two\nlines": ("two\nlines", ["control or invisible characters (U+000A)"]),
+    "nul\x00byte": ("nul\x00byte", ["U+0000"]),
+    "zero\u200bwidth": ("zero\u200bwidth", ["U+200B"]),
+    " padded": (" padded", ["white space"]),
+}
+
+
+def _huge_header(affine: np.ndarray, path: Path) -> str:
+    """A 1 kB ``.nii.gz`` whose header declares 2048^3 float32 voxels (32 GiB once decompressed)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 2048))
+    header.set_data_dtype(np.float32)
+    header.set_sform(affine, code=1)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 1000))
+    return str(path)
+
+
+def _with_forms(image: np.ndarray, affine: np.ndarray, path: Path, sform: int, qform: int,
+                qform_affine: np.ndarray | None = None) -> str:
+    """Save with the given sform and qform codes (and a qform of its own); nibabel keeps the header's forms as they
+    are when the image has no affine of its own."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header.set_data_dtype(image.dtype)
+    header.set_sform(affine, code=sform)
+    if qform:
+        header.set_qform(affine if qform_affine is None else qform_affine, code=qform)
+    nib.save(nib.Nifti1Image(image, None, header), path)
+    return str(path)
 
 
 def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]]:
@@ -127,6 +177,23 @@ def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]
     files["other_world_space"] = _save(image, moved, folder / "moved.nii.gz")
     label = nib.load(good["label"])
     files["label_elsewhere"] = _save(np.asarray(label.dataobj), moved, folder / "moved_label.nii.gz")
+    (folder / "folder.nii.gz").mkdir()
+    files["image_is_folder"] = str(folder / "folder.nii.gz")
+    os.mkfifo(folder / "fifo.nii.gz")
+    files["image_is_fifo"] = str(folder / "fifo.nii.gz")
+    files["image_is_device"] = "/dev/zero"
+    labels = np.zeros(image.shape, np.uint8)
+    labels[10:12, 10:12, 10:12], labels[20:22, 20:22, 20:22] = 1, 2
+    files["mask_labels"] = _save(labels, affine, folder / "labels.nii.gz")
+    (folder / "short.nii").write_bytes(Path(full).read_bytes()[: 352 + 100])  # a whole header, little data
+    files["header_promises_more"] = str(folder / "short.nii")
+    files["huge_image"] = _huge_header(affine, folder / "huge.nii.gz")
+    files["zero_sform"] = _with_forms(image, np.zeros((4, 4)), folder / "zero_sform.nii.gz", sform=1, qform=0)
+    files["no_orientation"] = _with_forms(image, affine, folder / "no_orientation.nii.gz", sform=0, qform=0)
+    flipped = affine.copy()
+    flipped[0] *= -1  # left-right mirrored
+    files["flipped_qform"] = _with_forms(image, affine, folder / "flipped.nii.gz", sform=1, qform=1,
+                                         qform_affine=flipped)
     cases: list[dict[str, Any]] = []
     for case_id, (key, _) in BAD.items():
         case = dict(good, id=case_id)
@@ -141,6 +208,7 @@ def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]
     for key in VISIT1_MRI_KEYS:
         by_id["no_visit1_mri"].pop(key, None)
     assert list(BAD).index("#13") == 13  # an entry without id is named by its position
+    cases.extend(dict(good, id=case_id) for case_id in BAD_IDS)
     # an empty lesion mask is a valid input (no lesion seen): the good case has one
     empty = _save(np.zeros(nib.load(good["gadles_1"]).shape, np.uint8), nib.load(good["gadles_1"]).affine,
                   folder / "empty_gadles.nii.gz")
@@ -162,9 +230,15 @@ def bad_run(tiny_cohort: Path, small_weights: Path, tmp_path_factory: pytest.Tem
 def test_bad_run_finishes_the_good_case_and_fails(bad_run: dict[str, Any]) -> None:
     result, out = bad_run["result"], bad_run["out"]
     assert result.returncode != 0
-    assert bad_run["report"][0] == f"ERROR: {len(BAD)} case(s) failed:", bad_run["report"]
-    assert len(bad_run["report"]) == 1 + len(BAD), bad_run["report"]
+    failed = len(BAD) + len(BAD_IDS)
+    assert bad_run["report"][0] == f"ERROR: {failed} case(s) failed:", bad_run["report"]
+    assert len(bad_run["report"]) == 1 + failed, bad_run["report"]
     assert (out / GOOD / "forecast.json").is_file() and (out / GOOD / "placebo_prob.nii.gz").is_file()
+    # the umask decides who may read the results (0755 under the usual 022), as for any folder the user makes
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / GOOD).stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / GOOD / "forecast.json").stat().st_mode & 0o777 == 0o666 & ~umask
     # nothing of a bad case and no staging or temporary file is left: just the good case and the summary
     assert sorted(p.name for p in out.iterdir()) == [GOOD, "summary.csv"]
     with open(out / "summary.csv") as handle:
@@ -181,6 +255,16 @@ def test_bad_input_is_reported_in_one_line(bad_run: dict[str, Any], case_id: str
     for word in words:
         assert word.replace("{path}", path) in lines[0], (word, lines[0])
     assert not (bad_run["out"] / case_id).exists()
+
+
+@pytest.mark.parametrize("case_id", list(BAD_IDS))
+def test_bad_id_is_reported_in_one_line(bad_run: dict[str, Any], case_id: str) -> None:
+    shown, words = BAD_IDS[case_id]
+    prefix = f"case {shown!r}: id: "
+    lines = [line for line in bad_run["report"][1:] if line.startswith(prefix)]
+    assert len(lines) == 1, (prefix, bad_run["report"])
+    for word in words:
+        assert word in lines[0], (word, lines[0])
 
 
 def test_rerun_skips_finished_cases_and_clears_leftovers(bad_run: dict[str, Any], small_weights: Path) -> None:
@@ -305,7 +389,8 @@ def test_interrupted_forecast_json_leaves_nothing(tiny_cohort: Path, tmp_path: P
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         _runner(tiny_cohort, tmp_path).run()
-    assert list(out.iterdir()) == []  # no case folder, no staging folder, no half-written JSON or NIfTI
+    # no case folder, no staging folder, no half-written JSON or NIfTI: the summary of no finished case
+    assert [p.name for p in out.iterdir()] == ["summary.csv"] and _summary_ids(out) == []
 
 
 def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tmp_path: Path,
@@ -331,6 +416,135 @@ def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tm
     _runner(tiny_cohort, tmp_path, overwrite=True).run()
     assert not (out / "a" / "stale.txt").exists() and (out / "a" / "forecast.json").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+
+
+def _cases_runner(tiny_cohort: Path, tmp_path: Path, ids: list[str], inferer: Any = None,
+                  out: Path | None = None) -> ForecastRunner:
+    """The runner with the stub sampler over cases ``ids`` (all the same image)."""
+    flair = tiny_cohort.parent / json.loads(tiny_cohort.read_text())["testing"][0]["flair_1"]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"id": i, "flair_1": str(flair)} for i in ids]}))
+    return ForecastRunner(CaseDataset(datalist, "testing", _stub_preprocessing), out or tmp_path / "out",
+                          torch.nn.Identity(), inferer or _StubInferer(), arms=["placebo"], figure=False)
+
+
+def _summary_ids(out: Path) -> list[str]:
+    with open(out / "summary.csv") as handle:
+        return [row["id"] for row in csv.DictReader(handle)]
+
+
+def test_output_path_that_is_a_file(tiny_cohort: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(InputError, match=f"output_dir {tmp_path / 'out'}: is a file, not a folder"):
+        _cases_runner(tiny_cohort, tmp_path, ["a"]).run()
+
+
+def test_unwritable_output_folder_is_found_before_any_case(tiny_cohort: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Tests run as root, whom file modes do not stop: the refusal is simulated where the runner writes.)"""
+    def refuse(path: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    inferer = _StubInferer()
+    calls = []
+    inferer.__call__ = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    monkeypatch.setattr(forecast_module, "atomic_path", refuse)
+    with pytest.raises(InputError, match=r"output_dir .*out: cannot write there \(Permission denied\)"):
+        _cases_runner(tiny_cohort, tmp_path, ["a", "b"], inferer).run()
+    assert calls == []
+
+
+def test_full_disk_stops_the_run_with_a_summary(tiny_cohort: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first case written to a full disk fails naming the file; the others are not computed in vain."""
+    save = forecast_module.save_nifti
+    written = []
+
+    def full(array: Any, affine: Any, path: Path, *args: Any) -> None:
+        if len(written) >= 2:  # case "a" (prob and mask) fits
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        save(array, affine, path, *args)
+
+    monkeypatch.setattr(forecast_module, "save_nifti", full)
+    with pytest.raises(ForecastFailed) as raised:
+        _cases_runner(tiny_cohort, tmp_path, ["a", "b", "c"]).run()
+    lines = str(raised.value).split("\n")
+    assert lines[0] == "2 case(s) failed:"
+    assert lines[1].startswith("case 'b': output: cannot write ") and "No space left on device" in lines[1]
+    assert "placebo_prob.nii.gz" in lines[1]
+    assert lines[2] == "case 'c': case: not forecast: the output disk is full"
+    out = tmp_path / "out"
+    assert _summary_ids(out) == ["a"] and sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+
+
+class _InterruptedInferer(_StubInferer):
+    """Ctrl-C while the second case is sampled."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().__call__(*args, **kwargs)
+
+
+def test_ctrl_c_writes_the_summary_of_the_finished_cases(tiny_cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(ForecastInterrupted, match=r"stopped by the user; 1 case\(s\) finished are listed in "):
+        _cases_runner(tiny_cohort, tmp_path, ["a", "b", "c"], _InterruptedInferer()).run()
+    out = tmp_path / "out"
+    assert _summary_ids(out) == ["a"] and sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+
+
+def test_case_claimed_by_a_live_run_is_left_to_it(tiny_cohort: Path, tmp_path: Path) -> None:
+    """A claim of a running process is respected; one of a dead process (killed run) is taken over."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = files._HOST
+    files.claim_path(out, "a").write_text(f"1@{host}")  # pid 1 lives as long as the machine
+    files.claim_path(out, "b").write_text(f"{int(dead.stdout)}@{host}")
+    _cases_runner(tiny_cohort, tmp_path, ["a", "b"]).run()
+    assert sorted(p.name for p in out.iterdir()) == [".a.claim", "b", "summary.csv"]
+    assert _summary_ids(out) == ["b"]
+
+
+_SPLIT_RUN = """
+import json, sys, time
+import torch
+from tests.test_robustness import _StubInferer, _cases_runner
+
+class Slow(_StubInferer):
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.3)
+        return super().__call__(*args, **kwargs)
+
+from pathlib import Path
+tmp = Path(sys.argv[2])
+runner = _cases_runner(Path(sys.argv[1]), tmp, [f"c{i}" for i in range(8)], Slow(), out=Path(sys.argv[3]))
+forecast_case = runner.forecast_case
+done = []
+runner.forecast_case = lambda case, listeners=(): done.append(case["id"]) or forecast_case(case, listeners)
+runner.run()
+print(json.dumps(done))
+"""
+
+
+def test_two_runs_on_one_output_folder_split_the_cases(tiny_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    runs = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        runs.append(subprocess.Popen([sys.executable, "-c", _SPLIT_RUN, str(tiny_cohort), str(tmp_path / name),
+                                      str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=ENV))
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [o[1][-2000:] for o in outputs]
+    done = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
+    assert sorted(done[0] + done[1]) == [f"c{i}" for i in range(8)]  # every case once, none twice
+    assert sorted(p.name for p in out.iterdir()) == [*(f"c{i}" for i in range(8)), "summary.csv"]
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path: Path) -> None:

@@ -72,3 +72,20 @@ VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_
 AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
 LOAD_CHANNEL: dict[str, list[int]] = {k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES]
                                       for k in MASK_KEYS}
+
+# --- limits on inputs (each can be raised where it is named: the bundle's config or the function's argument) ---
+RESERVED_OUTPUT_NAMES: tuple[str, ...] = (
+    "summary.csv", "metrics.json", "report.md", "evaluation_cases",
+    "reliability.png", "count_scatter.png", "roc.png", "effects.png",
+)
+"""Names the forecast and evaluation commands write at the top of their output folder: no case id may take one."""
+MAX_ID_LENGTH: int = 128
+"""Longest case id (characters): the id names a folder, and file systems refuse names over 255 bytes."""
+MAX_DATALIST_BYTES: int = 64 * 2**20
+"""Largest datalist file read (64 MiB: about 100,000 cases)."""
+MAX_IMAGE_VOXELS: int = 2**28
+"""Default largest image read (voxels, from its header, before any data is read): 268 million, e.g. 640^3, about
+1 GiB as float32; ``inference.json``'s ``max_image_voxels`` raises it."""
+MAX_NUM_SAMPLES: int = 256
+"""Default largest number of samples per case and arm (``inference.json``'s ``max_num_samples`` raises it): every
+sample of a case is held in memory at once (6 arms x 256 samples x 64^3 is about 6 GiB in float32)."""

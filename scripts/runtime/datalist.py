@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
+import unicodedata
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ from scripts.runtime.constants import (
     DEFAULT_HORIZON_WEEKS,
     LABEL_KEY,
     LOADED_KEYS,
+    MAX_DATALIST_BYTES,
+    MAX_ID_LENGTH,
     REFERENCE_KEY_PRIORITY,
+    RESERVED_OUTPUT_NAMES,
     VISIT1_MRI_KEYS,
     arm_index,
 )
@@ -30,6 +35,62 @@ scores against the label). Forecasting (``testing``) needs neither."""
 def find_reference_key(case: Mapping[Hashable, Any]) -> str | None:
     """The key whose grid is the case's reference grid: first present key of ``REFERENCE_KEY_PRIORITY``."""
     return next((k for k in REFERENCE_KEY_PRIORITY if case.get(k) is not None), None)
+
+
+def display_id(case_id: str) -> str:
+    """The id as reports show it: cut to :data:`MAX_ID_LENGTH` characters (a 10,000-character id would fill the
+    screen)."""
+    return case_id if len(case_id) <= MAX_ID_LENGTH else case_id[:MAX_ID_LENGTH] + "..."
+
+
+def id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name the case's output folder, or None when it can.
+
+    The id becomes ``O/<id>``: it must not leave ``O`` or alias it (``/``, ``\\``, ``.``, ``..``), hide (a leading
+    ``.`` is the runs' own temporary-file scheme, which a rerun deletes), take a name the commands write themselves
+    (``summary.csv``, ``report.md``, ...), exceed what file systems allow, or hold characters that forge log lines or
+    hide in a listing (control and format characters: newline, NUL, zero-width space, ...).
+    """
+    if case_id != case_id.strip():
+        return "must not start or end with white space"
+    if len(case_id) > MAX_ID_LENGTH:
+        return f"is {len(case_id)} characters long; at most {MAX_ID_LENGTH} are allowed (it names a folder)"
+    if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
+        return "must be usable as a folder name (no '/', '\\', '.' or '..')"
+    if case_id.startswith("."):
+        return "must not start with '.' (hidden names are the runs' temporary files)"
+    odd = [c for c in case_id if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")]
+    if odd:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(odd))
+        return f"holds control or invisible characters ({codes})"
+    reserved = {name.casefold() for name in RESERVED_OUTPUT_NAMES}
+    if case_id.casefold() in reserved:
+        return f"{case_id!r} is the name of a file the command writes itself ({', '.join(RESERVED_OUTPUT_NAMES)})"
+    return None
+
+
+def folder_key(case_id: str) -> str:
+    """What two ids that name the same folder share: Unicode normalisation (``café`` typed two ways) and case
+    (macOS and Windows file systems ignore it)."""
+    return unicodedata.normalize("NFC", case_id).casefold()
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file (without the path), or None; a folder, FIFO or device would fail,
+    block or never end."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        return f"is {kind}, not a regular file"
+    return None
 
 
 def validate_case(
@@ -61,10 +122,10 @@ def validate_case(
     if case_id is None:
         raise CaseError(f"#{index}", "id", "required key missing (a non-empty string naming the case)")
     if not isinstance(case_id, str) or not case_id.strip():
-        raise CaseError(str(case_id), "id", "must be a non-empty string")
-    # the id names the case's output folder, so it must not escape or alias it
-    if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
-        raise CaseError(case_id, "id", "must be usable as a folder name (no '/', '\\', '.' or '..')")
+        raise CaseError(display_id(str(case_id)), "id", "must be a non-empty string")
+    problem = id_problem(case_id)
+    if problem is not None:
+        raise CaseError(display_id(case_id), "id", problem)
     for key in required:
         if case.get(key) is None:
             raise CaseError(case_id, key, "required key missing")
@@ -77,8 +138,9 @@ def validate_case(
             raise CaseError(case_id, key, f"expected a file path, got {value!r}")
         path = Path(value).expanduser()
         path = path if path.is_absolute() else Path(base_dir) / path
-        if not path.is_file():
-            raise CaseError(case_id, key, f"file not found: {path}")
+        problem = file_problem(path)
+        if problem is not None:
+            raise CaseError(case_id, key, f"{problem}: {path}")
         out[key] = os.path.normpath(path)
     if find_reference_key(out) is None:
         raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
@@ -106,8 +168,15 @@ def validate_case(
     return out
 
 
-def _read_datalist(path: Path, split: str) -> list[Any]:
+def _read_datalist(path: Path, split: str, max_bytes: int = MAX_DATALIST_BYTES) -> list[Any]:
     """The ``split`` list of the JSON datalist at ``path``; :class:`DatalistError` for any problem with the file."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise DatalistError(path, problem)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DatalistError(path, f"{size / 2**20:.1f} MiB is larger than the {max_bytes / 2**20:g} MiB a datalist may "
+                                  "be (split it into several datalists)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -163,18 +232,22 @@ def _validate_entries(entries: Sequence[Any], base_dir: Path, errors: list[CaseE
                       horizon_range: Sequence[float] | None, required: Sequence[str]) -> list[dict[str, Any]]:
     """Validated entries with unique ids; invalid ones go to ``errors`` (raised when it is None)."""
     cases: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}
     for index, entry in enumerate(entries):
         try:
             case = validate_case(entry, base_dir, index, horizon_range=horizon_range, required=required)
-            if case["id"] in seen:
-                raise CaseError(case["id"], "id", f"duplicate id (entries #{seen[case['id']]} and #{index})")
+            earlier = seen.get(folder_key(case["id"]))
+            if earlier is not None and earlier[1] == case["id"]:
+                raise CaseError(case["id"], "id", f"duplicate id (entries #{earlier[0]} and #{index})")
+            if earlier is not None:
+                raise CaseError(case["id"], "id", f"names the same folder as entry #{earlier[0]} ({earlier[1]!r}): ids "
+                                                  "may not differ only in letter case or Unicode normalisation")
         except CaseError as err:
             if errors is None:
                 raise
             errors.append(err)
             continue
-        seen[case["id"]] = index
+        seen[folder_key(case["id"])] = (index, case["id"])
         cases.append(case)
     return cases
 

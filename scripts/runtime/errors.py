@@ -60,6 +60,11 @@ class ForecastFailed(RuntimeError):
     """Raised after all cases are done when at least one case failed; the message lists every failure."""
 
 
+class ForecastInterrupted(KeyboardInterrupt):
+    """The user stopped a run (Ctrl-C); raised after the summary of the finished cases is written. Commands exit 130
+    (128 + SIGINT), as a shell expects of an interrupted program."""
+
+
 class CheckpointError(InputError):
     """A checkpoint that cannot be used with the configured network (missing, unreadable, other architecture)."""
 
@@ -73,12 +78,18 @@ def install_error_hook() -> None:
 
     MONAI's config parser wraps every error of an expression in ``RuntimeError("Failed to evaluate ...")``, so the
     uncaught error's last line would not say what is wrong. The exit status stays 1; other errors keep their traceback.
+    A :class:`ForecastInterrupted` prints its message and exits 130.
     """
     previous = sys.excepthook
     if getattr(previous, "reports_input_errors", False):
         return
 
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        interrupted = find_error(error, ForecastInterrupted)
+        if interrupted is not None:
+            print(f"INTERRUPTED: {interrupted}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)  # from inside the hook: sys.exit would be reported as one more uncaught exception
         found = find_error(error, (InputError, ForecastFailed))
         if found is None:
             previous(kind, error, traceback)

@@ -22,6 +22,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 """Mode of a finished file: what ``open`` would give (``mkstemp`` creates 0600)."""
+_FOLDER_MODE = 0o777 & ~_UMASK
+"""Mode of a finished folder: what ``mkdir`` would give (``mkdtemp`` creates 0700)."""
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]+)-[^/]*$")
@@ -56,7 +58,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in folder.iterdir():
         match = _TEMP_NAME.match(entry.name)
-        if match is None or match["host"] != _HOST or _process_alive(int(match["pid"])):
+        if match is None or entry.name.endswith(".claim"):  # a claim is released by its owner (see claim)
+            continue
+        if match["host"] != _HOST or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -104,8 +108,54 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def staging_folder(parent: str | os.PathLike[str], name: str) -> Path:
-    """A new temporary folder in ``parent`` that will become ``parent/name`` (see :func:`move_into_place`)."""
-    return Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
+    """A new temporary folder in ``parent`` that will become ``parent/name`` (see :func:`move_into_place`), with the
+    mode the umask gives a new folder (others on a shared server can read the results when the umask lets them)."""
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
+    os.chmod(folder, _FOLDER_MODE)
+    return folder
+
+
+def claim_path(folder: str | os.PathLike[str], name: str) -> Path:
+    """The claim file of ``name`` in ``folder`` (see :func:`claim`)."""
+    return Path(folder) / f".{name}.claim"
+
+
+def claim(folder: str | os.PathLike[str], name: str) -> str | None:
+    """Claim ``name`` in ``folder`` for this process, so that runs sharing an output folder split the work.
+
+    The claim is a file ``.<name>.claim`` holding ``<pid>@<host>``, created only if absent (``O_EXCL``, atomic on
+    local and NFSv3+ file systems). A claim of a dead process of this host is taken over. Returns None when the claim
+    is this process's, else the owner (``pid@host``) of the claim that stands.
+    """
+    path = claim_path(folder, name)
+    owner = f"{os.getpid()}@{_HOST}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+        except FileExistsError:
+            try:
+                holder = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:  # released in between: try again
+                continue
+            pid, _, host = holder.partition("@")
+            if host == _HOST and pid.isdigit() and not _process_alive(int(pid)):
+                path.unlink(missing_ok=True)  # its owner was killed: take it over
+                continue
+            return holder or "another run"
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(owner)
+        return None
+    return "another run"
+
+
+def release(folder: str | os.PathLike[str], name: str) -> None:
+    """Remove this process's claim of ``name`` (see :func:`claim`); a claim of another process is left alone."""
+    path = claim_path(folder, name)
+    try:
+        if path.read_text(encoding="utf-8").strip() == f"{os.getpid()}@{_HOST}":
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def move_into_place(staging: Path, final: Path) -> None:

@@ -22,6 +22,7 @@ Faults: a case whose ``O/<id>/forecast.json`` exists is skipped unless ``overwri
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -37,14 +38,22 @@ import torch
 from tqdm.auto import tqdm
 
 from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
-from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, MRI_KEYS, arm_index
+from scripts.runtime.constants import CONDITION_CHANNELS, MAX_NUM_SAMPLES, MRI_KEYS
 from scripts.runtime.datalist import CaseDataset
-from scripts.runtime.errors import CaseError, ForecastFailed, InputError, find_case_error
+from scripts.runtime.errors import CaseError, ForecastFailed, ForecastInterrupted, InputError, find_case_error
 from scripts.runtime.figures import forecast_figure
-from scripts.runtime.files import atomic_path, move_into_place, remove_stale_temporaries, staging_folder
+from scripts.runtime.files import (
+    atomic_path,
+    claim,
+    move_into_place,
+    release,
+    remove_stale_temporaries,
+    staging_folder,
+)
 from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.io import save_nifti
 from scripts.runtime.lesions import describe_lesions
+from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.regions import REGIONS, brain_restriction, region_map
 
 logger = logging.getLogger(__name__)
@@ -99,8 +108,9 @@ class ForecastRunner:
         output_dir: output folder ``O``; each case goes to ``O/<id>``.
         network: the trained diffusion network (weights loaded).
         inferer: a :class:`scripts.runtime.inferer.ForecastInferer`.
-        arms: arm names to forecast (default: all six).
+        arms: arm names to forecast (default: all six); a string of names separated by commas is accepted.
         num_samples: overrides the inferer's K when given.
+        max_num_samples: the largest K accepted (all samples of a case are held in memory at once).
         device: torch device.
         overwrite: re-forecast cases whose ``O/<id>/forecast.json`` exists (default: skip them).
         figure: write ``forecast.png``.
@@ -122,21 +132,16 @@ class ForecastRunner:
         overwrite: bool = False,
         figure: bool = True,
         brain_margin: int | None = 1,
+        max_num_samples: int | None = MAX_NUM_SAMPLES,
     ) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir)
         self.network = network
         self.inferer = inferer
-        self.arms = list(ARMS if arms is None else arms)
-        for arm in self.arms:
-            try:
-                arm_index(arm)
-            except ValueError as err:
-                raise InputError(f"treatments: {err}") from None
-        if not self.arms:
-            raise InputError("treatments: no treatment arm to forecast")
+        self.arms = parse_arms(arms)
         if num_samples is not None:
-            self.inferer.num_samples = int(num_samples)
+            self.inferer.num_samples = num_samples
+        self.inferer.num_samples = check_num_samples(self.inferer.num_samples, max_num_samples)
         self.device = torch.device(device)
         self.overwrite = overwrite
         self.figure = figure
@@ -151,7 +156,10 @@ class ForecastRunner:
 
     def run(self, listeners: Sequence[CaseListener] = (), skip_ids: Collection[str] = ()) -> list[dict[str, Any]]:
         """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
-        case failed.
+        case failed, and :class:`ForecastInterrupted` on Ctrl-C; ``summary.csv`` is written either way.
+
+        Several runs may share an output folder: each case is claimed (:func:`scripts.runtime.files.claim`) before it
+        is forecast, so concurrent runs split the cases between them.
 
         Args:
             listeners: called with each forecast case's :class:`CaseForecast` (e.g. the evaluation, which so sees
@@ -160,40 +168,98 @@ class ForecastRunner:
         """
         errors: list[CaseError] = list(self.dataset.errors)
         cases = self.dataset.data
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temporaries(self.output_dir):
-            logger.info("removed %s, left by an interrupted run", stale)
+        self._prepare_output_dir()
         self.network.eval()
         logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
                     self.dataset.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
-        rows: list[dict[str, Any]] = []
-        for case in tqdm(cases, desc="cases", unit="case"):
-            case_id = str(case["id"])
-            done = self.output_dir / case_id / "forecast.json"
-            if case_id in skip_ids:
-                logger.info("case %s: skipped (already done by an earlier run)", case_id)
-                if done.is_file():
-                    rows.extend(summary_rows(json.loads(done.read_text())))
-                continue
-            if done.is_file() and not self.overwrite:
-                logger.info("case %s: already forecast in %s, skipped (overwrite=True to redo)", case_id, done.parent)
-                rows.extend(summary_rows(json.loads(done.read_text())))
-                continue
-            try:
-                forecast = self.forecast_case(case, listeners)
-            except Exception as err:  # one bad case must not stop the others
-                case_error = find_case_error(err)
-                if case_error is None:
-                    logger.exception("case %s failed", case_id)
-                    case_error = CaseError(case_id, "case", f"{type(err).__name__}: {err}")
-                logger.error("%s", case_error)
-                errors.append(case_error)
-                continue
-            rows.extend(summary_rows(forecast))
-        write_summary(rows, self.output_dir / "summary.csv")
+        try:
+            for index, case in enumerate(tqdm(cases, desc="cases", unit="case")):
+                case_id = str(case["id"])
+                try:
+                    self._run_case(case, listeners, skip_ids)
+                except Exception as err:  # one bad case must not stop the others
+                    case_error = self._case_error(case_id, err)
+                    logger.error("%s", case_error)
+                    errors.append(case_error)
+                    if _out_of_space(err):  # every later case would fail the same way, after its computation
+                        left = [str(c["id"]) for c in cases[index + 1:] if str(c["id"]) not in skip_ids
+                                and not (self.output_dir / str(c["id"]) / "forecast.json").is_file()]
+                        errors.extend(CaseError(i, "case", "not forecast: the output disk is full") for i in left)
+                        break
+        except KeyboardInterrupt:
+            rows = self._write_summary(errors)
+            raise ForecastInterrupted(f"stopped by the user; {len({r['id'] for r in rows})} case(s) finished are "
+                                      f"listed in {self.output_dir / 'summary.csv'}, a rerun forecasts the others"
+                                      ) from None
+        rows = self._write_summary(errors)
         if errors:
             message = f"{len(errors)} case(s) failed:\n" + "\n".join(str(e) for e in errors)
             raise ForecastFailed(message)
+        return rows
+
+    def _prepare_output_dir(self) -> None:
+        """Create the output folder and check that files can be written there, before any case is computed."""
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise InputError(f"output_dir {self.output_dir}: is a file, not a folder")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.output_dir / ".write_check"):
+                pass
+            (self.output_dir / ".write_check").unlink()
+        except OSError as err:
+            raise InputError(f"output_dir {self.output_dir}: cannot write there ({err.strerror or err})") from None
+        for stale in remove_stale_temporaries(self.output_dir):
+            logger.info("removed %s, left by an interrupted run", stale)
+
+    def _run_case(self, case: dict, listeners: Sequence[CaseListener], skip_ids: Collection[str]) -> None:
+        """Forecast one case unless it is done, skipped or claimed by another run."""
+        case_id = str(case["id"])
+        done = self.output_dir / case_id / "forecast.json"
+        if case_id in skip_ids:
+            logger.info("case %s: skipped (already done by an earlier run)", case_id)
+            return
+        if done.is_file() and not self.overwrite:
+            logger.info("case %s: already forecast in %s, skipped (overwrite=True to redo)", case_id, done.parent)
+            return
+        owner = claim(self.output_dir, case_id)
+        if owner is not None:
+            logger.info("case %s: being forecast by another run (%s), skipped", case_id, owner)
+            return
+        try:
+            if done.is_file() and not self.overwrite:  # finished by another run since the check above
+                return
+            self.forecast_case(case, listeners)
+        finally:
+            release(self.output_dir, case_id)
+
+    def _case_error(self, case_id: str, err: Exception) -> CaseError:
+        """The one-line report of a failed case (its inputs are read, and so checked, by the preprocessing: an OS
+        error here is one of writing its outputs)."""
+        case_error = find_case_error(err)
+        if case_error is not None:
+            return case_error
+        if isinstance(err, OSError):
+            where = err.filename or self.output_dir / case_id
+            return CaseError(case_id, "output", f"cannot write {where}: {err.strerror or err}")
+        logger.exception("case %s failed", case_id)
+        return CaseError(case_id, "case", f"{type(err).__name__}: {err}")
+
+    def _write_summary(self, errors: list[CaseError]) -> list[dict[str, Any]]:
+        """Write ``summary.csv`` of every case of the datalist whose ``forecast.json`` exists (this run's, an earlier
+        run's, or a concurrent run's); a failure to write it joins ``errors``. Returns the rows."""
+        rows: list[dict[str, Any]] = []
+        for case in self.dataset.data:
+            done = self.output_dir / str(case["id"]) / "forecast.json"
+            try:
+                if done.is_file():
+                    rows.extend(summary_rows(json.loads(done.read_text())))
+            except (OSError, ValueError, KeyError) as err:
+                errors.append(CaseError(str(case["id"]), "forecast.json", f"cannot be read back: {err}"))
+        try:
+            write_summary(rows, self.output_dir / "summary.csv")
+        except OSError as err:
+            errors.append(CaseError("summary", "summary.csv", f"cannot write {self.output_dir / 'summary.csv'}: "
+                                                              f"{err.strerror or err}"))
         return rows
 
     @torch.no_grad()
@@ -286,6 +352,10 @@ class ForecastRunner:
             time.perf_counter() - start,
         )
         return forecast
+
+
+def _out_of_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:

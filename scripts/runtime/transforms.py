@@ -18,6 +18,7 @@ with :func:`to_reference_grid` (or :class:`ToReferenceGridd`) and are written wi
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from scripts.runtime.constants import (
     LABEL_KEY,
     LOAD_CHANNEL,
     LOADED_KEYS,
+    MAX_IMAGE_VOXELS,
     MRI_KEYS,
     VISIT0_KEYS,
     VISIT1_MRI_KEYS,
@@ -55,7 +57,10 @@ from scripts.runtime.grids import (
     working_affine,
     world_bounding_box,
 )
+from scripts.runtime.headers import geometry_warning, header_problem
 from scripts.runtime.lesions import count_lesions, voxel_volume_mm3
+
+logger = logging.getLogger(__name__)
 
 
 def lesion_load(mask: torch.Tensor | np.ndarray, voxel_mm3: float) -> list[float]:
@@ -72,11 +77,16 @@ class LoadCased(LoadImaged):
     (float64 (3,) tensor: world mm of the centroid of the reference image's foreground, found on the raw
     intensities; the field-of-view centre when there is none).
 
+    Every header is checked before its voxels are read (:func:`scripts.runtime.headers.header_problem`): size
+    against ``max_voxels``, truncation, and a missing or broken orientation; an sform and qform that disagree by more
+    than a millimetre are logged (the sform is used).
+
     Raises:
-        CaseError: a file that cannot be read (missing, truncated, not NIfTI), is not a 3D volume, has a singular
-            affine or NaN / infinite voxels; an MRI (``mri_keys``) whose voxels are all equal (e.g. all zero: masks
-            may be empty, an MRI may not); an image whose field of view does not overlap the reference image's
-            (not in the case's world space); no visit-1 MRI.
+        CaseError: a file that cannot be read (missing, truncated, not NIfTI, larger than ``max_voxels``), is not a 3D
+            volume, has no orientation, a singular affine, or NaN / infinite voxels; a mask (``mask_keys``) with more
+            than one label value; an MRI (``mri_keys``) whose voxels are all equal (e.g. all zero: masks may be
+            empty, an MRI may not); an image whose field of view does not overlap the reference image's (not in the
+            case's world space); no visit-1 MRI.
     """
 
     def __init__(
@@ -84,6 +94,8 @@ class LoadCased(LoadImaged):
         keys: KeysCollection = LOADED_KEYS,
         allow_missing_keys: bool = True,
         mri_keys: Sequence[str] = MRI_KEYS,
+        mask_keys: Sequence[str] = BINARY_KEYS,
+        max_voxels: int | None = MAX_IMAGE_VOXELS,
     ) -> None:
         super().__init__(
             keys,
@@ -94,6 +106,8 @@ class LoadCased(LoadImaged):
             allow_missing_keys=allow_missing_keys,
         )
         self.mri_keys = tuple(mri_keys)
+        self.mask_keys = tuple(mask_keys)
+        self.max_voxels = max_voxels
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         d = {k: v for k, v in data.items() if not (k in self.keys and v is None)}
@@ -103,6 +117,12 @@ class LoadCased(LoadImaged):
             raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
         reference_path = str(d[reference_key])
         for key in self.key_iterator(d):
+            problem = header_problem(d[key], self.max_voxels)
+            if problem is not None:
+                raise CaseError(case_id, str(key), f"{d[key]}: {problem}")
+            warning = geometry_warning(d[key])
+            if warning is not None:
+                logger.warning("case %s: %s: %s (%s)", case_id, key, warning, d[key])
             try:
                 img = self._loader(d[key], reader)
             except Exception as err:  # any reader failure is a bad input of this case
@@ -141,6 +161,12 @@ class LoadCased(LoadImaged):
             n_nan = int(np.isnan(array).sum())
             n_inf = int(array.size - finite.sum()) - n_nan
             raise CaseError(case_id, key, f"{n_nan} NaN and {n_inf} infinite voxel(s) of {array.size}")
+        if key in self.mask_keys:
+            values = np.unique(array)
+            if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+                shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+                raise CaseError(case_id, key, f"expected a binary mask (0 and one label value), found {len(values)} "
+                                              f"values: {shown}")
         # masks may be empty (no lesion), but an MRI with a single value carries no image at all
         if key in self.mri_keys and array.size and float(array.min()) == float(array.max()):
             value = float(array.flat[0])
@@ -158,8 +184,8 @@ def _read_problem(path: Any, error: Exception) -> str:
         image = nib.load(str(path))
         np.asanyarray(image.dataobj)
     except Exception as nib_error:  # the message is all that is wanted
-        return str(nib_error)
-    return str(error)
+        return str(nib_error) or f"{type(nib_error).__name__} (the file may end before the data its header promises)"
+    return str(error) or type(error).__name__
 
 
 def _file_shape(path: Any, img: torch.Tensor) -> tuple[int, ...]:
