@@ -34,7 +34,13 @@ from scripts.runtime.errors import ForecastFailed, ForecastInterrupted, InputErr
 from scripts.runtime.forecast import ForecastRunner
 from scripts.runtime.grids import fields_of_view_overlap, world_bounding_box
 from scripts.runtime.network import ForecastDiffusionUNet
-from scripts.training.engines import AtomicCheckpointSaver, AtomicDiskSaver, TrainerCheckpointSaver, latest_checkpoint
+from scripts.training.engines import (
+    AtomicCheckpointSaver,
+    AtomicDiskSaver,
+    ResumeFromCheckpoint,
+    TrainerCheckpointSaver,
+    latest_checkpoint,
+)
 from tests.conftest import REPO_ROOT
 
 SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
@@ -304,6 +310,18 @@ def test_bad_datalist_file(small_weights: Path, tmp_path: Path, content: str, wo
     assert result.returncode != 0
     (line,) = _report(result)
     assert line.startswith(f"ERROR: datalist {datalist}: ") and all(w in line for w in words), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--num_samples", "0"], "ERROR: num_samples: must be at least 1, got 0"),
+    (["--treatments", "placebo,placebo"], "ERROR: treatments: 'placebo' listed more than once"),
+], ids=["no_samples", "repeated_arm"])
+def test_bad_option_is_reported_before_any_case(tiny_cohort: Path, small_weights: Path, tmp_path: Path,
+                                                flags: list[str], words: str) -> None:
+    result = _forecast(tiny_cohort, tmp_path / "out", small_weights, *flags)
+    assert result.returncode != 0
+    assert _report(result) == [words]
     assert not (tmp_path / "out").exists()
 
 
@@ -651,6 +669,18 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, kind: s
     assert "weight" in (state["network"] if kind == "trainer" else state)
     if kind == "trainer":
         assert _epoch_of(tmp_path / name) == 1
+        # the rerun resumes from epoch 1 and deletes the killed save's temporary file
+        from ignite.engine import Engine, Events
+
+        network = torch.nn.Linear(2, 2)
+        engine = Engine(lambda engine, batch: None)
+        epochs = []
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+        ResumeFromCheckpoint(str(tmp_path), {"network": network}).attach(engine)
+        TrainerCheckpointSaver(str(tmp_path), {"network": network}, save_interval=1, n_saved=1).attach(engine)
+        engine.run([0], max_epochs=2)
+        assert epochs == [2]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
 
 
 def test_resume_removes_a_superseded_checkpoint(tmp_path: Path) -> None:
