@@ -3,9 +3,8 @@
 The code lives in :mod:`scripts.tools.package`.
 """
 
-import fire
-
+from scripts.runtime.cli import strict_fire
 from scripts.tools.package import main
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    strict_fire(main, "scripts.package")

@@ -3,9 +3,8 @@
 The code lives in :mod:`scripts.bench.synthetic`.
 """
 
-import fire
-
 from scripts.bench.synthetic.cohort import main
+from scripts.runtime.cli import strict_fire
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    strict_fire(main, "scripts.synthetic")

@@ -134,3 +134,28 @@ def test_interrupted_command_exits_130() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "INTERRUPTED: stopped by the user; 3 case(s) finished"
+
+
+@pytest.mark.parametrize(("values", "outcome"), [
+    ((0, 1), "ok"), ((0, 255), "ok"), ((0,), "ok"), ((0.0, 0.25, 0.5, 1.0), "warning"),
+    ((0, 1, 2), "binary mask (0 and one label value), found 3 values: 0, 1, 2"),
+    ((0, 0.3), "no voxel reaches 0.5"), ((-1, 0, 1), "negative values"),
+])
+def test_mask_values(tmp_path: Path, values: tuple[float, ...], outcome: str,
+                     caplog: pytest.LogCaptureFixture) -> None:
+    """0 and one label pass; fractions in [0, 1] (linear resampling) pass with a warning; label maps do not."""
+    flair = _image(tmp_path / "flair.nii.gz", np.diag([3.0, 3.0, 3.0, 1.0]))
+    mask = np.zeros((8, 8, 8), np.float32)
+    mask.flat[: len(values)] = values
+    nib.save(nib.Nifti1Image(mask, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "mask.nii.gz")
+    case = {"id": "a", "flair_1": flair, "t2les_1": str(tmp_path / "mask.nii.gz")}
+    if outcome in ("ok", "warning"):
+        with caplog.at_level(logging.WARNING):
+            LoadCased()(case)
+        warned = [r.getMessage() for r in caplog.records if "fractional mask values" in r.getMessage()]
+        assert bool(warned) == (outcome == "warning"), warned
+    else:
+        with pytest.raises(CaseError, match="t2les_1") as raised:
+            LoadCased()(case)
+        assert outcome in str(raised.value), str(raised.value)
+

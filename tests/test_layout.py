@@ -11,8 +11,8 @@ from tests.conftest import REPO_ROOT
 
 LAYERS: tuple[str, ...] = (
     # the runtime that ships in the bundle, bottom first
-    "runtime.constants", "runtime.errors", "runtime.options", "runtime.files", "runtime.grids", "runtime.lesions",
-    "runtime.io", "runtime.headers",
+    "runtime.constants", "runtime.errors", "runtime.options", "runtime.cli", "runtime.files", "runtime.grids",
+    "runtime.lesions", "runtime.io", "runtime.headers",
     "runtime.datalist", "runtime.transforms", "runtime.regions", "runtime.network", "runtime.scheduler",
     "runtime.sampler", "runtime.inferer", "runtime.weights", "runtime.analysis", "runtime.figures", "runtime.forecast",
     # training plumbing

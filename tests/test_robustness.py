@@ -119,7 +119,8 @@ BAD: dict[str, tuple[str, list[str]]] = {
 
 # bad ids: id -> (the id as the report shows it, words the reason must hold)
 BAD_IDS: dict[str, tuple[str, list[str]]] = {
-    "x" * 300: ("x" * 128 + "...", ["300 characters", "at most 128"]),
+    "x" * 300: ("x" * 128 + "...", ["300 bytes long in UTF-8", "at most 128"]),
+    "病例" * 30: ("病例" * 30, ["60 characters, 180 bytes long in UTF-8"]),
     "summary.csv": ("summary.csv", ["name of a file the command writes"]),
     "Report.MD": ("Report.MD", ["name of a file the command writes"]),
     ".keep.tmp-999999@vm-x": (".keep.tmp-999999@vm-x", ["must not start with '.'"]),
@@ -460,16 +461,23 @@ def test_output_path_that_is_a_file(tiny_cohort: Path, tmp_path: Path) -> None:
 def test_unwritable_output_folder_is_found_before_any_case(tiny_cohort: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """(Tests run as root, whom file modes do not stop: the refusal is simulated where the runner writes.)"""
-    def refuse(path: Any, **kwargs: Any) -> Any:
-        raise PermissionError(13, "Permission denied", str(path))
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
 
-    inferer = _StubInferer()
-    calls = []
-    inferer.__call__ = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
-    monkeypatch.setattr(forecast_module, "atomic_path", refuse)
+    class Counting(_StubInferer):
+        calls = 0
+
+        def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(forecast_module.tempfile, "mkstemp", refuse)
     with pytest.raises(InputError, match=r"output_dir .*out: cannot write there \(Permission denied\)"):
-        _cases_runner(tiny_cohort, tmp_path, ["a", "b"], inferer).run()
-    assert calls == []
+        _cases_runner(tiny_cohort, tmp_path, ["a", "b"], Counting()).run()
+    assert Counting.calls == 0
+    monkeypatch.undo()
+    _cases_runner(tiny_cohort, tmp_path, ["a", "b"], Counting()).run()  # the same, writable: both cases
+    assert Counting.calls == 2
 
 
 def test_full_disk_stops_the_run_with_a_summary(tiny_cohort: Path, tmp_path: Path,
@@ -524,9 +532,19 @@ def test_case_claimed_by_a_live_run_is_left_to_it(tiny_cohort: Path, tmp_path: P
     host = files._HOST
     files.claim_path(out, "a").write_text(f"1@{host}")  # pid 1 lives as long as the machine
     files.claim_path(out, "b").write_text(f"{int(dead.stdout)}@{host}")
-    _cases_runner(tiny_cohort, tmp_path, ["a", "b"]).run()
-    assert sorted(p.name for p in out.iterdir()) == [".a.claim", "b", "summary.csv"]
-    assert _summary_ids(out) == ["b"]
+    files.claim_path(out, "c").write_text(f"{os.getpid()}@{host}")  # a restarted container reusing this pid
+    files.claim_path(out, "e").write_text("4242@otherhost")  # another machine's: cannot be checked from here
+    with pytest.raises(ForecastFailed) as raised:
+        _cases_runner(tiny_cohort, tmp_path, ["a", "b", "c", "e"]).run()
+    assert str(raised.value).split("\n")[1:] == [  # the live claim of this host is left to its run, silently
+        "case 'e': case: not forecast: claimed by another run (4242@otherhost); rerun once it has finished, or "
+        f"delete {files.claim_path(out, 'e')} if that run is dead"]
+    assert sorted(p.name for p in out.iterdir()) == [".a.claim", ".e.claim", "b", "c", "summary.csv"]
+    assert _summary_ids(out) == ["b", "c"]
+    assert files.claim(out, "a") == f"1@{host}" and files.claim(out, "d") is None
+    assert files.claim_path(out, "d").read_text() == f"{os.getpid()}@{host}"
+    files.release(out, "d")
+    assert not files.claim_path(out, "d").exists()
 
 
 _SPLIT_RUN = """
@@ -536,11 +554,14 @@ from tests.test_robustness import _StubInferer, _cases_runner
 
 class Slow(_StubInferer):
     def __call__(self, *args, **kwargs):
-        time.sleep(0.3)
+        time.sleep(0.5)
         return super().__call__(*args, **kwargs)
 
 from pathlib import Path
 tmp = Path(sys.argv[2])
+print("ready", flush=True)
+while not (tmp.parent / "go").exists():  # both runs start together
+    time.sleep(0.05)
 runner = _cases_runner(Path(sys.argv[1]), tmp, [f"c{i}" for i in range(8)], Slow(), out=Path(sys.argv[3]))
 forecast_case = runner.forecast_case
 done = []
@@ -558,10 +579,14 @@ def test_two_runs_on_one_output_folder_split_the_cases(tiny_cohort: Path, tmp_pa
         runs.append(subprocess.Popen([sys.executable, "-c", _SPLIT_RUN, str(tiny_cohort), str(tmp_path / name),
                                       str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=ENV))
+    for run in runs:
+        assert run.stdout.readline() == "ready\n", run.stderr.read()[-2000:]
+    (tmp_path / "go").touch()
     outputs = [run.communicate(timeout=300) for run in runs]
     assert all(run.returncode == 0 for run in runs), [o[1][-2000:] for o in outputs]
     done = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
     assert sorted(done[0] + done[1]) == [f"c{i}" for i in range(8)]  # every case once, none twice
+    assert done[0] and done[1]  # and both runs took a share
     assert sorted(p.name for p in out.iterdir()) == [*(f"c{i}" for i in range(8)), "summary.csv"]
 
 
@@ -701,15 +726,21 @@ def test_resume_removes_a_superseded_checkpoint(tmp_path: Path) -> None:
 
 def test_last_epoch_is_always_checkpointed(tmp_path: Path) -> None:
     """With ``save_interval`` 5, a 7-epoch run saves epoch 5 and then its last epoch, 7 (``n_saved`` 1: only 7)."""
-    from ignite.engine import Engine
+    from ignite.engine import Engine, Events
 
     engine = Engine(lambda engine, batch: None)
     TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
                            n_saved=1).attach(engine)
     engine.run([0], max_epochs=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=7.pt"]
-    engine.run([0], max_epochs=7)  # nothing left to train: nothing saved again
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=7.pt"]
+    before = (tmp_path / "checkpoint_epoch=7.pt").stat().st_mtime_ns
+    # a run resumed at its last epoch has nothing left to train: it saves nothing
+    resumed = Engine(lambda engine, batch: None)
+    resumed.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 7))
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
+                           n_saved=1).attach(resumed)
+    resumed.run([0], max_epochs=7)
+    assert (tmp_path / "checkpoint_epoch=7.pt").stat().st_mtime_ns == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

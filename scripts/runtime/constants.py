@@ -80,7 +80,8 @@ RESERVED_OUTPUT_NAMES: tuple[str, ...] = (
 )
 """Names the forecast and evaluation commands write at the top of their output folder: no case id may take one."""
 MAX_ID_LENGTH: int = 128
-"""Longest case id (characters): the id names a folder, and file systems refuse names over 255 bytes."""
+"""Longest case id, in UTF-8 bytes: the id names a folder and, with up to about 70 bytes of temporary-name suffix,
+its staging folder; file systems refuse names over 255 bytes."""
 MAX_DATALIST_BYTES: int = 64 * 2**20
 """Largest datalist file read (64 MiB: about 100,000 cases)."""
 MAX_IMAGE_VOXELS: int = 2**28

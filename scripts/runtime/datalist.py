@@ -53,8 +53,11 @@ def id_problem(case_id: str) -> str | None:
     """
     if case_id != case_id.strip():
         return "must not start or end with white space"
-    if len(case_id) > MAX_ID_LENGTH:
-        return f"is {len(case_id)} characters long; at most {MAX_ID_LENGTH} are allowed (it names a folder)"
+    size = len(case_id.encode("utf-8"))
+    if size > MAX_ID_LENGTH:
+        chars = f"{len(case_id)} characters, " if size != len(case_id) else ""
+        return (f"is {chars}{size} bytes long in UTF-8; at most {MAX_ID_LENGTH} are allowed (it names a folder, and "
+                "file systems allow 255 bytes for a name with the runs' temporary suffixes)")
     if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
         return "must be usable as a folder name (no '/', '\\', '.' or '..')"
     if case_id.startswith("."):

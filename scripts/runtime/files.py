@@ -120,42 +120,81 @@ def claim_path(folder: str | os.PathLike[str], name: str) -> Path:
     return Path(folder) / f".{name}.claim"
 
 
+def _owner() -> str:
+    return f"{os.getpid()}@{_HOST}"
+
+
 def claim(folder: str | os.PathLike[str], name: str) -> str | None:
     """Claim ``name`` in ``folder`` for this process, so that runs sharing an output folder split the work.
 
-    The claim is a file ``.<name>.claim`` holding ``<pid>@<host>``, created only if absent (``O_EXCL``, atomic on
-    local and NFSv3+ file systems). A claim of a dead process of this host is taken over. Returns None when the claim
-    is this process's, else the owner (``pid@host``) of the claim that stands.
+    The claim is a file ``.<name>.claim`` holding ``<pid>@<host>``: written under a temporary name, then linked into
+    place (``os.link`` fails if the claim exists, so exactly one run wins, and a claim is never seen empty). A claim
+    of this host whose process is dead, or that names this very process (a restarted container reusing the pid), is
+    stale and taken over. Returns None when the claim is this process's, else the owner of the claim that stands
+    (``pid@host``; claims of other hosts cannot be checked and stand until removed).
     """
     path = claim_path(folder, name)
-    owner = f"{os.getpid()}@{_HOST}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
-        except FileExistsError:
-            try:
-                holder = path.read_text(encoding="utf-8").strip()
-            except FileNotFoundError:  # released in between: try again
-                continue
-            pid, _, host = holder.partition("@")
-            if host == _HOST and pid.isdigit() and not _process_alive(int(pid)):
-                path.unlink(missing_ok=True)  # its owner was killed: take it over
-                continue
-            return holder or "another run"
+    fd, name_tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=folder)
+    tmp = Path(name_tmp)
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(owner)
+            handle.write(_owner())
+        os.chmod(tmp, _FILE_MODE)
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                holder = _read_claim(path)
+                if holder is None:  # released in between: try again
+                    continue
+                if not _stale(holder):
+                    return holder
+                _take_over(path, holder)
+        raise OSError(f"cannot claim {path}: other runs keep taking it over")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_claim(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
         return None
-    return "another run"
+
+
+def _stale(holder: str) -> bool:
+    pid, _, host = holder.partition("@")
+    if host != _HOST or not pid.isdigit():
+        return False  # another machine's: it cannot be checked from here
+    return int(pid) == os.getpid() or not _process_alive(int(pid))
+
+
+def claim_is_live(holder: str) -> bool:
+    """Whether the claim ``holder`` (``pid@host``) is a running process of this host other than this one."""
+    pid, _, host = holder.partition("@")
+    return host == _HOST and pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))
+
+
+def _take_over(path: Path, holder: str) -> None:
+    """Remove the stale claim ``path`` of ``holder`` without removing a fresh one another run put there meanwhile:
+    it is renamed aside first (only one run can), and put back if it turns out to be someone else's."""
+    aside = path.parent / f"{temp_prefix(path.name)}stale"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return  # another run took it over first
+    if _read_claim(aside) != holder:  # a fresh claim: restore it
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)
 
 
 def release(folder: str | os.PathLike[str], name: str) -> None:
     """Remove this process's claim of ``name`` (see :func:`claim`); a claim of another process is left alone."""
     path = claim_path(folder, name)
-    try:
-        if path.read_text(encoding="utf-8").strip() == f"{os.getpid()}@{_HOST}":
-            path.unlink(missing_ok=True)
-    except FileNotFoundError:
-        pass
+    if _read_claim(path) == _owner():
+        path.unlink(missing_ok=True)
 
 
 def move_into_place(staging: Path, final: Path) -> None:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,10 +46,13 @@ from scripts.runtime.figures import forecast_figure
 from scripts.runtime.files import (
     atomic_path,
     claim,
+    claim_is_live,
+    claim_path,
     move_into_place,
     release,
     remove_stale_temporaries,
     staging_folder,
+    temp_prefix,
 )
 from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.io import save_nifti
@@ -158,8 +162,10 @@ class ForecastRunner:
         """Forecast all cases; returns the summary rows. Raises :class:`ForecastFailed` after the others if any
         case failed, and :class:`ForecastInterrupted` on Ctrl-C; ``summary.csv`` is written either way.
 
-        Several runs may share an output folder: each case is claimed (:func:`scripts.runtime.files.claim`) before it
-        is forecast, so concurrent runs split the cases between them.
+        Several forecast runs may share an output folder: each case is claimed (:func:`scripts.runtime.files.claim`)
+        before it is forecast, so concurrent runs split the cases between them; a case still claimed by another run at
+        the end is reported as not forecast. With ``listeners`` (an evaluation, which needs every case's samples
+        itself) cases are not claimed.
 
         Args:
             listeners: called with each forecast case's :class:`CaseForecast` (e.g. the evaluation, which so sees
@@ -168,6 +174,8 @@ class ForecastRunner:
         """
         errors: list[CaseError] = list(self.dataset.errors)
         cases = self.dataset.data
+        self._claimed_elsewhere: dict[str, str] = {}
+        self._started = time.time()
         self._prepare_output_dir()
         self.network.eval()
         logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
@@ -191,6 +199,15 @@ class ForecastRunner:
             raise ForecastInterrupted(f"stopped by the user; {len({r['id'] for r in rows})} case(s) finished are "
                                       f"listed in {self.output_dir / 'summary.csv'}, a rerun forecasts the others"
                                       ) from None
+        for case_id, holder in self._claimed_elsewhere.items():
+            if (self.output_dir / case_id / "forecast.json").is_file():
+                continue
+            if claim_is_live(holder):  # a run of this machine is still at it: its own summary will list it
+                logger.info("case %s: still being forecast by another run (%s)", case_id, holder)
+            else:  # another machine's claim cannot be checked: say so rather than leave the case out unseen
+                errors.append(CaseError(case_id, "case", f"not forecast: claimed by another run ({holder}); rerun "
+                                        f"once it has finished, or delete {claim_path(self.output_dir, case_id)} "
+                                        "if that run is dead"))
         rows = self._write_summary(errors)
         if errors:
             message = f"{len(errors)} case(s) failed:\n" + "\n".join(str(e) for e in errors)
@@ -203,9 +220,9 @@ class ForecastRunner:
             raise InputError(f"output_dir {self.output_dir}: is a file, not a folder")
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.output_dir / ".write_check"):
-                pass
-            (self.output_dir / ".write_check").unlink()
+            fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-check"), dir=self.output_dir)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as err:
             raise InputError(f"output_dir {self.output_dir}: cannot write there ({err.strerror or err})") from None
         for stale in remove_stale_temporaries(self.output_dir):
@@ -221,12 +238,17 @@ class ForecastRunner:
         if done.is_file() and not self.overwrite:
             logger.info("case %s: already forecast in %s, skipped (overwrite=True to redo)", case_id, done.parent)
             return
+        if listeners:  # an evaluation needs this run's own samples of every case
+            self.forecast_case(case, listeners)
+            return
         owner = claim(self.output_dir, case_id)
         if owner is not None:
             logger.info("case %s: being forecast by another run (%s), skipped", case_id, owner)
+            self._claimed_elsewhere[case_id] = owner
             return
         try:
-            if done.is_file() and not self.overwrite:  # finished by another run since the check above
+            if done.is_file() and (not self.overwrite or done.stat().st_mtime >= self._started):
+                logger.info("case %s: forecast by another run meanwhile, skipped", case_id)
                 return
             self.forecast_case(case, listeners)
         finally:
@@ -246,9 +268,13 @@ class ForecastRunner:
 
     def _write_summary(self, errors: list[CaseError]) -> list[dict[str, Any]]:
         """Write ``summary.csv`` of every case of the datalist whose ``forecast.json`` exists (this run's, an earlier
-        run's, or a concurrent run's); a failure to write it joins ``errors``. Returns the rows."""
+        run's, or a concurrent run's) and that did not fail in this run (an older forecast of a case that failed now
+        is not listed); a failure to write it joins ``errors``. Returns the rows."""
         rows: list[dict[str, Any]] = []
+        failed = {e.case_id for e in errors}
         for case in self.dataset.data:
+            if str(case["id"]) in failed:
+                continue
             done = self.output_dir / str(case["id"]) / "forecast.json"
             try:
                 if done.is_file():

@@ -80,9 +80,9 @@ def _geometry_problem(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str |
     sform, qform = header.get_sform(), header.get_qform()
     if sform_code > 0 and not _invertible(sform):
         return f"its sform (code {sform_code}) is singular or not finite (e.g. all zero): set a valid sform or code 0"
-    if qform_code > 0 and not _invertible(qform):
+    if sform_code == 0 and qform_code > 0 and not _invertible(qform):  # beside a valid sform it is not used
         return f"its qform (code {qform_code}) is singular or not finite: set a valid qform or code 0"
-    if sform_code > 0 and qform_code > 0:
+    if sform_code > 0 and qform_code > 0 and _invertible(qform):
         s_axes, q_axes = nib.aff2axcodes(sform), nib.aff2axcodes(qform)
         if s_axes != q_axes:
             return (f"its sform ({''.join(s_axes)}) and qform ({''.join(q_axes)}) orient the image differently, so "
@@ -100,7 +100,7 @@ def geometry_warning(path: str | os.PathLike) -> str | None:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         return None
     header = image.header
-    if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
+    if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0 or not _invertible(header.get_qform()):
         return None
     corners = _grid_corners(tuple(int(s) for s in image.shape))
     gap = float(np.max(np.linalg.norm((corners @ (header.get_sform() - header.get_qform()).T)[:, :3], axis=1)))

@@ -15,7 +15,7 @@ import torch
 from monai.inferers import Inferer
 
 from scripts.runtime.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm_index
-from scripts.runtime.options import parse_arms
+from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.sampler import ForecastSampler
 from scripts.runtime.scheduler import ForecastScheduler
 
@@ -59,7 +59,7 @@ class ForecastInferer(Inferer):
         self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress,
                                        channels_last=channels_last, precision=precision, compile=compile,
                                        reuse_memory=reuse_memory)
-        self.num_samples = int(num_samples)
+        self.num_samples = check_num_samples(num_samples, limit=None)
         self.arms = parse_arms(arms) if arms is not None else None
         self.seed = seed
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +43,9 @@ def check_num_samples(value: Any, limit: int | None = MAX_NUM_SAMPLES) -> int:
     Raises:
         InputError: not a whole number, below 1, or above ``limit`` (which the message says how to raise).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value)
+                                                    and int(value) == value)
+    if isinstance(value, bool) or not whole:
         raise InputError(f"num_samples: must be a whole number of samples, got {value!r}")
     value = int(value)
     if value < 1:

@@ -162,16 +162,33 @@ class LoadCased(LoadImaged):
             n_inf = int(array.size - finite.sum()) - n_nan
             raise CaseError(case_id, key, f"{n_nan} NaN and {n_inf} infinite voxel(s) of {array.size}")
         if key in self.mask_keys:
-            values = np.unique(array)
-            if len(values) > 2 or (len(values) == 2 and values[0] != 0):
-                shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
-                raise CaseError(case_id, key, f"expected a binary mask (0 and one label value), found {len(values)} "
-                                              f"values: {shown}")
+            self._check_mask(case_id, key, array)
         # masks may be empty (no lesion), but an MRI with a single value carries no image at all
         if key in self.mri_keys and array.size and float(array.min()) == float(array.max()):
             value = float(array.flat[0])
             raise CaseError(case_id, key, "all voxels are 0 (an empty image)" if value == 0 else
                             f"all voxels equal {value:g} (an image without contrast)")
+
+
+    @staticmethod
+    def _check_mask(case_id: str, key: str, array: np.ndarray) -> None:
+        """A mask is 0 and one label value (0/1, 0/255, ...), or values in [0, 1] (a mask resampled with linear
+        interpolation: thresholded at 0.5, logged); several labels above 1 (a label map) or negative values are
+        refused: binarising them would merge or lose structures silently."""
+        values = np.unique(array)
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        if values[0] < 0:
+            raise CaseError(case_id, key, f"a mask cannot hold negative values; found {len(values)} values: {shown}")
+        if len(values) <= 2 or values[-1] <= 1.0:
+            if len(values) > 2:
+                logger.warning("case %s: %s: fractional mask values (%s), e.g. from linear resampling: voxels "
+                               ">= 0.5 count as lesion", case_id, key, shown)
+            elif len(values) == 2 and values[0] == 0 and values[1] < 0.5:
+                raise CaseError(case_id, key, f"a mask of 0 and {values[1]:g}: no voxel reaches 0.5, the lesion "
+                                              "threshold; save the lesions as 1")
+            return
+        raise CaseError(case_id, key, f"expected a binary mask (0 and one label value), found {len(values)} values: "
+                                      f"{shown} (a label map: select the lesion label first)")
 
 
 def _read_problem(path: Any, error: Exception) -> str:

@@ -234,16 +234,15 @@ class TrainerCheckpointSaver(AtomicCheckpointSaver):
         super().attach(engine)
         engine.add_event_handler(Events.STARTED, self._count_earlier_checkpoints)
         if self._interval_checkpoint is not None and self.epoch_level:
+            # after the resume's loader (attached earlier, also at STARTED): the epoch this run starts from
+            engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "_start_epoch", e.state.epoch))
             engine.add_event_handler(Events.COMPLETED, self._save_last_epoch)
 
     def _save_last_epoch(self, engine: Engine) -> None:
         """Checkpoint the last epoch of a run whose length is not a multiple of ``save_interval`` (a one-epoch run
         would otherwise leave nothing to resume from)."""
-        if engine.state.epoch == 0 or engine.state.epoch % self.save_interval == 0:
-            return  # nothing trained, or the interval saver has just written this epoch
-        saved = epoch_checkpoints(self.save_dir)
-        if saved and saved[-1][0] == engine.state.epoch:
-            return  # a resumed run that had nothing left to train
+        if engine.state.epoch <= getattr(self, "_start_epoch", 0) or engine.state.epoch % self.save_interval == 0:
+            return  # nothing trained in this run (a resumed run with nothing left), or just saved on the interval
         self.interval_completed(engine)
 
     def _count_earlier_checkpoints(self, engine: Engine) -> None:
