@@ -142,3 +142,21 @@ def test_real_change_masks_per_lesion_volumes_and_centroids(shared_data: Path) -
         np.testing.assert_allclose([les["centroid_mm"] for les in lesions], world, atol=2e-3)
         self_match = match_lesions(data, data)
         assert (self_match["tp"], self_match["fp"], self_match["fn"], self_match["dice"]) == (n, 0, 0, 1.0)
+
+
+def test_probability_map_given_as_mask_is_named(tmp_path, caplog) -> None:
+    """``python -m scripts.lesions`` on a probability map says what it counts instead of counting silently."""
+    import logging
+
+    import nibabel as nib
+
+    from scripts.runtime.lesions import load_mask
+
+    prob = np.zeros((8, 8, 8), np.float32)
+    prob[2:4, 2:4, 2:4] = 0.3
+    prob[5, 5, 5] = 0.7
+    nib.save(nib.Nifti1Image(prob, np.eye(4)), tmp_path / "p.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        mask, _ = load_mask(tmp_path / "p.nii.gz")
+    assert int(mask.sum()) == 1
+    assert any("is not a binary mask (3 distinct values in [0, 0.7])" in r.getMessage() for r in caplog.records)

@@ -452,6 +452,16 @@ def _summary_ids(out: Path) -> list[str]:
         return [row["id"] for row in csv.DictReader(handle)]
 
 
+def test_summary_floats_are_rounded(tiny_cohort: Path, tmp_path: Path) -> None:
+    _cases_runner(tiny_cohort, tmp_path, ["a"]).run()
+    with open(tmp_path / "out" / "summary.csv") as handle:
+        row = next(csv.DictReader(handle))
+    for key in ("expected_count", "p_active", "expected_volume_mm3"):
+        assert len(re.sub(r"[^0-9]", "", row[key].split("e")[0]).lstrip("0")) <= 6, (key, row[key])
+    assert float(row["p_active"]) == pytest.approx(json.loads((tmp_path / "out" / "a" / "forecast.json").read_text())[
+        "arms"]["placebo"]["p_active"], rel=1e-5)
+
+
 def test_output_path_that_is_a_file(tiny_cohort: Path, tmp_path: Path) -> None:
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(InputError, match=f"output_dir {tmp_path / 'out'}: is a file, not a folder"):

@@ -366,5 +366,5 @@ def forecast_figure(
         _save_atomic(fig, out, dpi)
     finally:
         plt.close(fig)
-    logger.info("wrote %s", out)
+    logger.debug("wrote %s", out)  # a staging path: the runner logs the case folder once it is in place
     return out

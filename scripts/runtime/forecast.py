@@ -372,10 +372,10 @@ class ForecastRunner:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         logger.info(
-            "case %s: %s (%.1f s)", case_id,
+            "case %s: %s (%.1f s) -> %s", case_id,
             ", ".join(f"{arm} E[count]={f['expected_count']:.2f} P(active)={f['p_active']:.2f}"
                       for arm, f in arms_out.items()),
-            time.perf_counter() - start,
+            time.perf_counter() - start, self.output_dir / case_id,
         )
         return forecast
 
@@ -403,10 +403,20 @@ def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(value: Any) -> Any:
+    """A ``summary.csv`` cell: empty for undefined, floats to 6 significant digits (``23.3``, not
+    ``23.299999999999997``)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
 def write_summary(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Write ``summary.csv`` atomically (empty fields for undefined effects)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_FIELDS})
+            writer.writerow({k: _cell(row.get(k)) for k in SUMMARY_FIELDS})

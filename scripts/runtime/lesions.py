@@ -16,6 +16,7 @@ and Dice are 1 when both masks are empty.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+logger = logging.getLogger(__name__)
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -164,6 +167,11 @@ def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: expected a 3D mask, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: mask holds NaN or Inf values")
+    values = np.unique(data)
+    if len(values) > 2:  # e.g. a probability map: say what is counted rather than count silently
+        logger.warning("%s is not a binary mask (%d distinct values in [%g, %g]): voxels > 0.5 count as lesion; for a "
+                       "forecast give its <arm>_mask.nii.gz, or threshold the probability map first", path,
+                       len(values), float(values[0]), float(values[-1]))
     return data > 0.5, image.affine
 
 
