@@ -69,6 +69,7 @@ def test_quick_benchmark_writes_every_contract_key(tmp_path: Path) -> None:
     assert parity["reference"]["network_evaluations_per_sample"] > parity["fast"]["network_evaluations_per_sample"]
     assert data["training_cases_per_second"] > 0
     assert "speedup vs DDPM-1000" in result.stdout  # the printed table
+    assert "[target" not in result.stdout  # quick sizes are not judged against the full-size targets
 
 
 def test_mismatched_weights_fail_with_a_clear_message(tmp_path: Path) -> None:
