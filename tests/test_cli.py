@@ -86,6 +86,16 @@ def test_strict_fire(capsys: pytest.CaptureFixture) -> None:
                                                                 ["--overwrite", "false"]]
 
 
+def test_strict_fire_passes_any_option_to_a_function_taking_kwargs() -> None:
+    seen = {}
+
+    def main(out: str = "x", **overrides: object) -> None:
+        seen.update(overrides, out=out)
+
+    strict_fire(main, "scripts.x", ["--spatial_size", "[16,16,16]", "--out", "y"])
+    assert seen == {"spatial_size": [16, 16, 16], "out": "y"}
+
+
 def _command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 

@@ -219,6 +219,9 @@ def function_help(fn: Callable[..., Any], prog: str) -> str:
         lines += [doc, ""]
     lines.append("Options:")
     for name, p in inspect.signature(fn).parameters.items():
+        if p.kind is p.VAR_KEYWORD:
+            lines.append(f"  --{'KEY VALUE'.ljust(24)}any other option, passed on as {name}")
+            continue
         default = "(required)" if p.default is p.empty else _shown(p.default)
         lines.append(f"  --{name.ljust(24)}{default}")
     return "\n".join(lines)
@@ -228,7 +231,8 @@ def strict_fire(fn: Callable[..., Any], prog: str, argv: Sequence[str] | None = 
     """Run ``fn`` with fire after checking the option names against its parameters.
 
     ``--help`` / ``-h`` prints :func:`function_help` and exits 0; an unknown option prints one ``ERROR:`` line with the
-    nearest valid name and exits 2 (argparse's status for a usage error), before ``fn`` runs.
+    nearest valid name and exits 2 (argparse's status for a usage error), before ``fn`` runs. A function taking
+    ``**kwargs`` accepts any option (it checks them itself).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     _, flags = parse_flags(argv)
@@ -238,7 +242,8 @@ def strict_fire(fn: Callable[..., Any], prog: str, argv: Sequence[str] | None = 
     params = inspect.signature(fn).parameters
     names = set(params) | {n.replace("_", "-") for n in params}
     names |= {f"no{n}" for n, p in params.items() if isinstance(p.default, bool)}
-    unknown = [name for name in flags if name not in names]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())  # e.g. export's config overrides
+    unknown = [] if open_ended else [name for name in flags if name not in names]
     if unknown:
         print(f"ERROR: {_unknown(unknown, list(params), f'python -m {prog}')}", file=sys.stderr, flush=True)
         sys.exit(2)
