@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SMALL_NET = {"channels": (8, 16, 16), "attention_levels": (False, False, True), "norm_num_groups": 8,
-             "num_head_channels": 8}
+SMALL_NET = {
+    "channels": (8, 16, 16),
+    "attention_levels": (False, False, True),
+    "norm_num_groups": 8,
+    "num_head_channels": 8,
+}
 """A diffusion U-Net small enough for unit tests on 16^3 volumes."""
 
 
@@ -25,6 +29,7 @@ def perturbed_small_net() -> torch.nn.Module:
         for p in network.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return network
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """Repository root: bundle commands run from here."""
@@ -57,7 +62,8 @@ def config_preprocessing(spatial_size=(64, 64, 64), spacing=(3.0, 3.0, 3.0), tra
     drop = [t for t in parser["train"]["random_transforms"] if t["_target_"].endswith("RandDropInputsd")]
     parser["train"]["random_transforms"] = drop
     return list(parser.get_parsed_content("deterministic_transforms")) + list(
-        parser.get_parsed_content("train#random_transforms"))
+        parser.get_parsed_content("train#random_transforms")
+    )
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -20,17 +20,31 @@ from scripts.runtime.scheduler import ForecastScheduler
 from tests.conftest import REPO_ROOT, perturbed_small_net
 
 CONTRACT_KEYS = (
-    "forecast_seconds", "ddpm1000_seconds", "speedup_vs_ddpm1000", "network_evaluations_per_sample",
-    "forward_time_share", "flops_per_forecast", "achieved_flops_per_second", "matmul_flops_per_second",
-    "peak_memory_bytes", "quality_parity", "device",
+    "forecast_seconds",
+    "ddpm1000_seconds",
+    "speedup_vs_ddpm1000",
+    "network_evaluations_per_sample",
+    "forward_time_share",
+    "flops_per_forecast",
+    "achieved_flops_per_second",
+    "matmul_flops_per_second",
+    "peak_memory_bytes",
+    "quality_parity",
+    "device",
 )
 SIZE = 16
 
 
 def _benchmark(args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "scripts.benchmark", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +65,13 @@ def test_quick_benchmark_writes_every_contract_key(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert set(CONTRACT_KEYS) <= set(data)
-    for key in ("forecast_seconds", "ddpm1000_seconds", "speedup_vs_ddpm1000", "achieved_flops_per_second",
-                "matmul_flops_per_second"):
+    for key in (
+        "forecast_seconds",
+        "ddpm1000_seconds",
+        "speedup_vs_ddpm1000",
+        "achieved_flops_per_second",
+        "matmul_flops_per_second",
+    ):
         assert isinstance(data[key], float) and data[key] > 0, key
     for key in ("flops_per_forecast", "peak_memory_bytes", "network_evaluations_per_sample"):
         assert isinstance(data[key], int) and data[key] > 0, key
@@ -107,7 +126,8 @@ def test_channels_last_and_bf16_switches(net: ForecastDiffusionUNet) -> None:
     noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     plain_net, cl_net = copy.deepcopy(net), copy.deepcopy(net)
     plain = ForecastSampler(ForecastScheduler(), 3, channels_last=False, precision="float32").sample(
-        plain_net, cond, treatment, horizon, noise)
+        plain_net, cond, treatment, horizon, noise
+    )
     fast = ForecastSampler(ForecastScheduler(), 3, channels_last=True, precision="float32")
     # same arithmetic in another memory layout: equal up to float rounding (a voxel at the threshold may flip)
     assert (fast.sample(cl_net, cond, treatment, horizon, noise) != plain).float().mean() < 1e-3
@@ -128,7 +148,8 @@ def test_guidance_chunks_spanning_both_halves(net: ForecastDiffusionUNet) -> Non
     noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     whole = ForecastSampler(ForecastScheduler(), 2, guidance_scale=2.0).sample(net, cond, treatment, horizon, noise)
     spanning = ForecastSampler(ForecastScheduler(), 2, guidance_scale=2.0, chunk_size=3).sample(
-        net, cond, treatment, horizon, noise)  # rows 0-2 mix conditional and unconditional rows
+        net, cond, treatment, horizon, noise
+    )  # rows 0-2 mix conditional and unconditional rows
     assert torch.equal(whole, spanning)
     assert ForecastSampler(ForecastScheduler(), 10, guidance_scale=2.0).network_evaluations_per_sample == 20
 
@@ -143,6 +164,10 @@ def test_reuse_freed_memory_is_transparent(net: ForecastDiffusionUNet) -> None:
         pass
     _, _, cond, treatment, horizon = _inputs()
     noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    reused, fresh = (ForecastSampler(ForecastScheduler(), 2, precision="float32", reuse_memory=flag).sample(
-        net, cond, treatment, horizon, noise) for flag in (True, False))
+    reused, fresh = (
+        ForecastSampler(ForecastScheduler(), 2, precision="float32", reuse_memory=flag).sample(
+            net, cond, treatment, horizon, noise
+        )
+        for flag in (True, False)
+    )
     assert torch.equal(reused, fresh)

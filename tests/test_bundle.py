@@ -25,8 +25,21 @@ def test_metadata_verifies_against_schema() -> None:
     if not SCHEMA.is_file():
         pytest.skip(f"bundle metadata schema not found at {SCHEMA.resolve()}")
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
-         "--filepath", str(SCHEMA)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--filepath",
+            str(SCHEMA),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata is verified with no error" in result.stdout + result.stderr
 
@@ -55,8 +68,16 @@ def _resolved(*files: str) -> ConfigParser:
 def test_training_configs_share_the_network_and_grid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     raw = ConfigParser.load_config_file(CONFIGS / "train.json")
-    shared = ("network_channels", "network_args", "network_def", "noise_scheduler", "spatial_size", "spacing",
-              "snap_grid", "debias_weight")
+    shared = (
+        "network_channels",
+        "network_args",
+        "network_def",
+        "noise_scheduler",
+        "spatial_size",
+        "spacing",
+        "snap_grid",
+        "debias_weight",
+    )
     # defined once, in inference.json: the shipped weights are trained with train.json and loaded with inference.json
     for key in shared:
         assert raw[key] == f"%bundle/configs/inference.json#{key}", key
@@ -77,8 +98,15 @@ def test_training_configs_share_the_network_and_grid(monkeypatch: pytest.MonkeyP
 def test_train_config_parses_and_builds_the_workflow(tiny_cohort) -> None:
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"datalist": str(tiny_cohort), "output_dir": "/tmp/unused", "spatial_size": [32, 32, 32],
-                   "spacing": [6, 6, 6], "cache_rate": 0.0})
+    parser.update(
+        {
+            "datalist": str(tiny_cohort),
+            "output_dir": "/tmp/unused",
+            "spatial_size": [32, 32, 32],
+            "spacing": [6, 6, 6],
+            "cache_rate": 0.0,
+        }
+    )
     network = parser.get_parsed_content("network_def")
     assert network.cond_channels == len(CONDITION_CHANNELS)
     scheduler = parser.get_parsed_content("noise_scheduler")

@@ -20,7 +20,9 @@ INFERENCE = ["--config_file", "bundle/configs/inference.json"]
 
 def test_parse_flags() -> None:
     assert parse_flags(["help", "--a", "1", "--b=x y", "--flag", "--c", "-2", "-h"]) == (
-        ["help"], {"a": "1", "b": "x y", "flag": True, "c": "-2", "h": True})
+        ["help"],
+        {"a": "1", "b": "x y", "flag": True, "c": "-2", "h": True},
+    )
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"], ["--run_id", "help"]])
@@ -44,23 +46,39 @@ def test_layered_configs_help_is_the_last_ones(capsys: pytest.CaptureFixture) ->
         check_bundle_command_line([*RUN, "--help", "--config_file", files])
     out = capsys.readouterr().out
     assert "score the forecasts against them" in out and any(
-        line.split()[:1] == ["--population_datalist"] for line in out.splitlines())
+        line.split()[:1] == ["--population_datalist"] for line in out.splitlines()
+    )
 
 
-@pytest.mark.parametrize(("option", "close"), [
-    ("num_sampels", "num_samples"), ("inferer#precison", "inferer#precision"), ("ouput_dir", "output_dir"),
-])
+@pytest.mark.parametrize(
+    ("option", "close"),
+    [("num_sampels", "num_samples"), ("inferer#precison", "inferer#precision"), ("ouput_dir", "output_dir")],
+)
 def test_misspelled_bundle_option_names_the_nearest(option: str, close: str) -> None:
     with pytest.raises(InputError) as raised:
         check_bundle_command_line([*RUN, *INFERENCE, f"--{option}", "2"])
-    assert str(raised.value).startswith(f"unknown option --{option} (did you mean --{close}?) for "
-                                        "bundle/configs/inference.json"), str(raised.value)
+    assert str(raised.value).startswith(
+        f"unknown option --{option} (did you mean --{close}?) for bundle/configs/inference.json"
+    ), str(raised.value)
 
 
 def test_valid_bundle_options_pass() -> None:
-    check_bundle_command_line([*RUN, *INFERENCE, "--num_samples", "2", "--inferer#precision", "float32",
-                               "--inferer::chunk_size", "4", "--meta_file", "bundle/configs/metadata.json",
-                               "--logging_file", "bundle/configs/logging.conf"])
+    check_bundle_command_line(
+        [
+            *RUN,
+            *INFERENCE,
+            "--num_samples",
+            "2",
+            "--inferer#precision",
+            "float32",
+            "--inferer::chunk_size",
+            "4",
+            "--meta_file",
+            "bundle/configs/metadata.json",
+            "--logging_file",
+            "bundle/configs/logging.conf",
+        ]
+    )
     check_bundle_command_line(["/usr/bin/monailabel", "start_server", "--whatever", "1"])  # not a bundle run
 
 
@@ -77,13 +95,17 @@ def test_strict_fire(capsys: pytest.CaptureFixture) -> None:
         strict_fire(main, "scripts.x", ["--out", "d", "--num", "3"])
     assert raised.value.code == 2 and calls == [("d", 3, False)]  # refused before main runs
     assert capsys.readouterr().err.strip() == (
-        "ERROR: unknown option --num (did you mean --n?) for python -m scripts.x; --help lists the options")
+        "ERROR: unknown option --num (did you mean --n?) for python -m scripts.x; --help lists the options"
+    )
     with pytest.raises(SystemExit) as raised:
         strict_fire(main, "scripts.x", ["--help"])
     out = capsys.readouterr().out
     assert raised.value.code == 0 and "Write n cases into out." in out
-    assert [line.split() for line in out.splitlines()[-3:]] == [["--out", "(required)"], ["--n", "200"],
-                                                                ["--overwrite", "false"]]
+    assert [line.split() for line in out.splitlines()[-3:]] == [
+        ["--out", "(required)"],
+        ["--n", "200"],
+        ["--overwrite", "false"],
+    ]
 
 
 def test_strict_fire_passes_any_option_to_a_function_taking_kwargs() -> None:
@@ -112,8 +134,11 @@ def test_misspelled_bundle_option_fails_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _command("-m", "monai.bundle", "run", *INFERENCE, "--output_dir", str(out), "--num_sampels", "2")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "ERROR: unknown option --num_sampels (did you mean --num_samples?)"), result.stderr[-2000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ERROR: unknown option --num_sampels (did you mean --num_samples?)")
+    ), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out.exists()
 
 

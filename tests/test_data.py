@@ -567,11 +567,15 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
     centre = np.array([0.4, -0.7, 1.1])  # the brain's centroid, anywhere in the field of view
 
     def run(snap: bool) -> dict:
-        case = {"flair_1": MetaTensor(torch.from_numpy(mri)[None], affine=torch.from_numpy(affine)),
-                "label": MetaTensor(torch.from_numpy(mask)[None], affine=torch.from_numpy(affine)),
-                "reference_centre": centre, "reference_affine": torch.from_numpy(affine)}
-        return ToWorkingGridd(spatial_size=(32, 32, 32), spacing=(3.0, 3.0, 3.0), anti_alias=False,
-                                snap_to_reference=snap)(case)
+        case = {
+            "flair_1": MetaTensor(torch.from_numpy(mri)[None], affine=torch.from_numpy(affine)),
+            "label": MetaTensor(torch.from_numpy(mask)[None], affine=torch.from_numpy(affine)),
+            "reference_centre": centre,
+            "reference_affine": torch.from_numpy(affine),
+        }
+        return ToWorkingGridd(
+            spatial_size=(32, 32, 32), spacing=(3.0, 3.0, 3.0), anti_alias=False, snap_to_reference=snap
+        )(case)
 
     plain, snapped = run(False), run(True)
     assert count_lesions(np.asarray(plain["label"][0]) > 0.5) < len(lesions)
@@ -583,8 +587,9 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
     assert np.abs(moved).max() <= 1.5  # at most half a voxel
     s = np.rint(shift).astype(int)
     out = np.asarray(snapped["flair_1"][0])
-    np.testing.assert_allclose(out[2:-2, 2:-2, 2:-2], mri[2 + s[0]:30 + s[0], 2 + s[1]:30 + s[1], 2 + s[2]:30 + s[2]],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out[2:-2, 2:-2, 2:-2], mri[2 + s[0] : 30 + s[0], 2 + s[1] : 30 + s[1], 2 + s[2] : 30 + s[2]], atol=1e-5
+    )
 
 
 def test_snap_to_voxel_centre_leaves_oblique_grids() -> None:

@@ -40,8 +40,12 @@ from scripts.runtime.lesions import match_lesions
 from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
 from tests.conftest import REPO_ROOT
 
-SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
-         "num_head_channels": 16}
+SMALL = {
+    "channels": (8, 16, 16, 16),
+    "attention_levels": (False, False, False, True),
+    "norm_num_groups": 8,
+    "num_head_channels": 16,
+}
 
 
 # ---- metrics with known answers ----
@@ -86,7 +90,8 @@ def test_generalized_energy_distance() -> None:
         return 0.0 if union == 0 else 1.0 - np.logical_and(p, q).sum() / union
 
     brute = 2 * np.mean([d(s, truth) for s in samples]) - np.mean(
-        [d(samples[i], samples[j]) for i in range(5) for j in range(5) if i != j])
+        [d(samples[i], samples[j]) for i in range(5) for j in range(5) if i != j]
+    )
     assert generalized_energy_distance(samples, truth) == pytest.approx(brute)
 
 
@@ -113,9 +118,17 @@ def test_count_and_activity_metrics() -> None:
 
 def test_paired_comparison_of_a_perfect_and_a_constant_forecast() -> None:
     true = [0, 0, 1, 3, 0, 2]
-    records = [{"true_count": t, "active": t > 0,
-                "methods": {"a": {"expected_count": float(t), "p_active": float(t > 0)},
-                            "b": {"expected_count": 1.0, "p_active": 0.5}}} for t in true]
+    records = [
+        {
+            "true_count": t,
+            "active": t > 0,
+            "methods": {
+                "a": {"expected_count": float(t), "p_active": float(t > 0)},
+                "b": {"expected_count": 1.0, "p_active": 0.5},
+            },
+        }
+        for t in true
+    ]
     got = paired_comparison(records, "a", "b", n_boot=200)
     assert got["n_cases"] == 6
     assert got["mae_difference"] == pytest.approx(-np.mean(np.abs(np.array(true) - 1.0)))
@@ -188,7 +201,7 @@ def test_lesion_table_matches_lesions_module_and_measures_anisotropic_distances(
     # forecast centroids (2.5, 2, 2) and (2, 2, 4) at 1 x 2 x 3 mm: A (2, 2, 2) is 0.5 mm from the first;
     # B (8.5, 8.5, 8.5) is nearer the second: (6.5 * 1, 6.5 * 2, 4.5 * 3) mm
     assert first["distance_mm"] == pytest.approx(0.5)
-    assert second["distance_mm"] == pytest.approx(math.sqrt(6.5 ** 2 + 13 ** 2 + 13.5 ** 2), abs=1e-3)
+    assert second["distance_mm"] == pytest.approx(math.sqrt(6.5**2 + 13**2 + 13.5**2), abs=1e-3)
     regions = np.full(ref.shape, 4, np.uint8)
     regions[:6] = 1  # periventricular half
     with_regions = lesion_table(pred, ref, affine, regions)
@@ -210,8 +223,12 @@ def _case_inputs(case: dict, truth: dict, base: Path, arms: list[str], k: int) -
         figures = summarize_arm(samples[a], affine)
         figures.pop("prob_working")
         arms_out[arm] = figures
-    data = {"cond": np.zeros((len(CONDITION_CHANNELS), *shape), np.float32), "working_affine": affine,
-            "reference_affine": affine, "reference_shape": np.asarray(shape)}
+    data = {
+        "cond": np.zeros((len(CONDITION_CHANNELS), *shape), np.float32),
+        "working_affine": affine,
+        "reference_affine": affine,
+        "reference_shape": np.asarray(shape),
+    }
     forecast = {"id": case["id"], "num_samples": k, "horizon_weeks": float(case["horizon_weeks"]), "arms": arms_out}
     probs = {arm: samples[a].mean(0).astype(np.float32) for a, arm in enumerate(arms)}
     return CaseForecast(case, data, samples, forecast, probs, np.full(shape, 4, np.uint8), None)
@@ -379,35 +396,86 @@ def test_evaluate_config_mirrors_the_deterministic_training_network_and_defaults
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("eval_weights")
     paths = {}
-    for name, cls, seed in (("model", ForecastDiffusionUNet, 0), ("unaware", ForecastDiffusionUNet, 1),
-                            ("deterministic", DeterministicForecastNet, 2)):
+    for name, cls, seed in (
+        ("model", ForecastDiffusionUNet, 0),
+        ("unaware", ForecastDiffusionUNet, 1),
+        ("deterministic", DeterministicForecastNet, 2),
+    ):
         torch.manual_seed(seed)
         paths[name] = folder / f"{name}.pt"
         torch.save(cls(**SMALL).state_dict(), paths[name])
     return paths
 
 
-def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tiny_weights: dict[str, Path],
-                                                          tmp_path: Path) -> None:
+def test_evaluate_command_writes_metrics_report_and_plots(
+    tiny_cohort: Path, tiny_weights: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "eval"
     # the tiny cohort's test cases are under placebo and ocrelizumab: two arms keep the test short
-    args = ["--datalist", str(tiny_cohort), "--output_dir", str(out), "--ckpt_path", str(tiny_weights["model"]),
-            "--deterministic_ckpt", str(tiny_weights["deterministic"]), "--unaware_ckpt", str(tiny_weights["unaware"]),
-            "--treatments", "['placebo','ocrelizumab']", "--network_channels", "[8,16,16,16]",
-            "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--num_samples", "2", "--num_inference_steps",
-            "2", "--device", "cpu"]
+    args = [
+        "--datalist",
+        str(tiny_cohort),
+        "--output_dir",
+        str(out),
+        "--ckpt_path",
+        str(tiny_weights["model"]),
+        "--deterministic_ckpt",
+        str(tiny_weights["deterministic"]),
+        "--unaware_ckpt",
+        str(tiny_weights["unaware"]),
+        "--treatments",
+        "['placebo','ocrelizumab']",
+        "--network_channels",
+        "[8,16,16,16]",
+        "--spatial_size",
+        "[32,32,32]",
+        "--spacing",
+        "[6,6,6]",
+        "--num_samples",
+        "2",
+        "--num_inference_steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         "['bundle/configs/inference.json','bundle/configs/evaluate.json']", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "['bundle/configs/inference.json','bundle/configs/evaluate.json']",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"overall", "per_arm", "counterfactual", "baselines", "cases", "conventions"} <= set(metrics)
     testing = json.loads(tiny_cohort.read_text())["testing"]
     assert len(metrics["cases"]) == len(testing) == metrics["overall"]["n_cases"]
-    for key in ("dice_active", "dice_all", "lesion_precision", "lesion_recall", "lesion_f1", "count_mae",
-                "count_spearman", "interval_coverage_90", "auc", "average_precision", "balanced_accuracy", "ece",
-                "ged_mean", "location", "sample_lesion_f1"):
+    for key in (
+        "dice_active",
+        "dice_all",
+        "lesion_precision",
+        "lesion_recall",
+        "lesion_f1",
+        "count_mae",
+        "count_spearman",
+        "interval_coverage_90",
+        "auc",
+        "average_precision",
+        "balanced_accuracy",
+        "ece",
+        "ged_mean",
+        "location",
+        "sample_lesion_f1",
+    ):
         assert key in metrics["overall"], key
     assert "lesion F1, per sample" in (out / "report.md").read_text()
     assert set(metrics["comparisons"]) == {"deterministic", "unaware", "population", "reference", "oracle"}
@@ -419,8 +487,13 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
     assert metrics["counterfactual"]["available"]
     assert set(metrics["counterfactual"]["per_arm"]) == {"placebo", "ocrelizumab"}
     report = (out / "report.md").read_text()
-    for heading in ("## Factual forecasts: all cases", "## Location", "## Uncertainty", "## Counterfactual",
-                    "## Conventions"):
+    for heading in (
+        "## Factual forecasts: all cases",
+        "## Location",
+        "## Uncertainty",
+        "## Counterfactual",
+        "## Conventions",
+    ):
         assert heading in report
     for name in ("reliability", "count_scatter", "roc", "effects"):
         assert (out / f"{name}.png").stat().st_size > 10_000, name
@@ -432,9 +505,21 @@ def test_evaluate_command_writes_metrics_report_and_plots(tiny_cohort: Path, tin
 
     # the same command again reads every scored case back instead of forecasting it
     again = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-         "['bundle/configs/inference.json','bundle/configs/evaluate.json']", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "['bundle/configs/inference.json','bundle/configs/evaluate.json']",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resuming: {len(testing)} case(s) already scored" in again.stdout + again.stderr
     resumed = json.loads((out / "metrics.json").read_text())
@@ -481,15 +566,19 @@ def test_pooled_average_precision_from_histograms() -> None:
     b_prob, b_truth = np.array([0.5, 1e-5, 2e-2]), np.array([0.0, 1.0, 0.25])
     for prob, truth in ((a_prob, a_truth), (b_prob, b_truth)):
         assert histogram_average_precision([probability_histogram(prob, truth)]) == pytest.approx(
-            voxel_average_precision(prob, truth))
-    pooled = histogram_average_precision([probability_histogram(a_prob, a_truth), probability_histogram(b_prob,
-                                                                                                        b_truth)])
-    assert pooled == pytest.approx(voxel_average_precision(np.concatenate([a_prob, b_prob]),
-                                                           np.concatenate([a_truth, b_truth])))
+            voxel_average_precision(prob, truth)
+        )
+    pooled = histogram_average_precision(
+        [probability_histogram(a_prob, a_truth), probability_histogram(b_prob, b_truth)]
+    )
+    assert pooled == pytest.approx(
+        voxel_average_precision(np.concatenate([a_prob, b_prob]), np.concatenate([a_truth, b_truth]))
+    )
     tied = np.array([0.300, 0.301, 0.9])  # the first two share a bin
     truth = np.array([0.0, 1.0, 1.0])
     assert histogram_average_precision([probability_histogram(tied, truth)]) == pytest.approx(
-        average_precision_score(truth, [0.3, 0.3, 0.9]))
+        average_precision_score(truth, [0.3, 0.3, 0.9])
+    )
     assert histogram_average_precision([probability_histogram(tied, np.zeros(3))]) is None
 
 
@@ -514,8 +603,9 @@ def test_mean_log_likelihood_mass_share_and_lesion_sizes() -> None:
 def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
     """With the location oracle and outcome draws in the cohort: a perfect map has AP 1 against the truth and no
     mass outside the parenchyma, the oracle joins the scored maps and AP ratios are taken against it."""
-    datalist = generate_cohort(tmp_path / "c", 2, 3, shape=32, spacing=6.0, split=(0, 0, 1), progress=False,
-                               oracle_draws=16, outcome_draws=16)
+    datalist = generate_cohort(
+        tmp_path / "c", 2, 3, shape=32, spacing=6.0, split=(0, 0, 1), progress=False, oracle_draws=16, outcome_draws=16
+    )
     arms = ["placebo", "ocrelizumab"]
     evaluator = Evaluator(datalist, tmp_path / "out", figures=False, population_datalist=None)
     for case in load_datalist(datalist, "testing"):
@@ -530,16 +620,25 @@ def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
     assert oracle["mass_outside_domain_mean"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < oracle["ap_outcomes_mean"] <= 1 and oracle["ll_outcomes_per_voxel"] < 0
     assert oracle["ap_ratio_to_oracle"]["ap_outcomes_mean"] == pytest.approx(1.0)
-    assert set(oracle["mass_by_tissue"]) == {"csf", "cortical_gm", "white_matter", "ventricles", "infratentorial_wm",
-                                             "infratentorial_gm", "deep_gm"}
+    assert set(oracle["mass_by_tissue"]) == {
+        "csf",
+        "cortical_gm",
+        "white_matter",
+        "ventricles",
+        "infratentorial_wm",
+        "infratentorial_gm",
+        "deep_gm",
+    }
     assert spatial["lesion_sizes"]["true"]["lesions"] == spatial["lesion_sizes"]["sampled"]["lesions"] / 2
     assert oracle["ap_ratio_to_oracle"]["ap_outcomes_pooled"] == pytest.approx(1.0)
     assert 0 < oracle["ap_outcomes_pooled"] <= 1
     prior = spatial["methods"]["region_prior"]  # the oracle's mass, spread over the regions' white matter
     assert prior["mass_outside_domain_mean"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < prior["ap_outcomes_mean"] <= 1 and prior["mass_by_tissue"]["cortical_gm"] == 0
-    factual_placebo = [json.loads(p.read_text())["treatment"] == "placebo"
-                       for p in sorted((datalist.parent / "truth").glob("syn????.json"))]
+    factual_placebo = [
+        json.loads(p.read_text())["treatment"] == "placebo"
+        for p in sorted((datalist.parent / "truth").glob("syn????.json"))
+    ]
     ceiling = spatial.get("oracle_sample_lesions")  # outcome draws were scored against the generator's factual arm
     assert (ceiling is not None) == any(factual_placebo)
     if ceiling:

@@ -29,9 +29,14 @@ SHIPPED = REPO_ROOT / "bundle" / "models" / "model.pt"
 
 def _forecast(args: list[str], expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                             "bundle/configs/inference.json", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -40,8 +45,9 @@ def _forecast(args: list[str], expect_ok: bool = True, timeout: int = 600) -> su
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    network = ForecastDiffusionUNet(channels=(8, 16, 16, 16), attention_levels=(False, False, False, True),
-                                    norm_num_groups=8, num_head_channels=16)
+    network = ForecastDiffusionUNet(
+        channels=(8, 16, 16, 16), attention_levels=(False, False, False, True), norm_num_groups=8, num_head_channels=16
+    )
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.save(network.state_dict(), path)
     return path
@@ -86,8 +92,9 @@ def test_summaries_and_effects() -> None:
     assert figures["expected_count"] == 0.75 and figures["p_active"] == 0.5
     assert figures["expected_volume_mm3"] == pytest.approx(3 * 8 / 4)
     assert figures["prob_working"][1, 1, 1] == 0.25
-    effects = effects_vs_placebo({"placebo": {"expected_count": 2.0, "p_active": 0.5},
-                                  "ocrelizumab": {"expected_count": 0.5, "p_active": 0.25}})
+    effects = effects_vs_placebo(
+        {"placebo": {"expected_count": 2.0, "p_active": 0.5}, "ocrelizumab": {"expected_count": 0.5, "p_active": 0.25}}
+    )
     assert effects["ocrelizumab"] == {"count_ratio": 0.25, "count_difference": -1.5, "p_active_difference": -0.25}
     zero = effects_vs_placebo({"placebo": {"expected_count": 0.0, "p_active": 0.0}})
     assert zero["placebo"]["count_ratio"] is None
@@ -95,8 +102,21 @@ def test_summaries_and_effects() -> None:
 
 def test_forecast_writes_contract_outputs(tiny_cohort: Path, small_weights: Path, tmp_path: Path) -> None:
     arms = ["placebo", "ocrelizumab", "laquinimod"]
-    _forecast(["--datalist", str(tiny_cohort), "--output_dir", str(tmp_path), "--ckpt_path", str(small_weights),
-               "--treatments", json.dumps(arms), *FAST, *TINY_GRID, *SMALL_NET])
+    _forecast(
+        [
+            "--datalist",
+            str(tiny_cohort),
+            "--output_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            str(small_weights),
+            "--treatments",
+            json.dumps(arms),
+            *FAST,
+            *TINY_GRID,
+            *SMALL_NET,
+        ]
+    )
     cases = json.loads(tiny_cohort.read_text())["testing"]
     for case in cases:
         _check_case_outputs(tmp_path / case["id"], tiny_cohort.parent / case["flair_1"], arms, num_samples=2)
@@ -121,14 +141,30 @@ def test_counterfactual_arms_share_noise(tiny_cohort: Path, small_weights: Path,
 
 def test_bad_case_is_reported_and_leaves_nothing(tiny_cohort: Path, small_weights: Path, tmp_path: Path) -> None:
     data = json.loads(tiny_cohort.read_text())
-    good = {k: str(tiny_cohort.parent / v) if isinstance(v, str) and v.endswith(".nii.gz") else v
-            for k, v in data["testing"][0].items()}
+    good = {
+        k: str(tiny_cohort.parent / v) if isinstance(v, str) and v.endswith(".nii.gz") else v
+        for k, v in data["testing"][0].items()
+    }
     bad = dict(good, id="broken", t1_1=str(tmp_path / "missing_t1.nii.gz"))
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [bad, good]}))
     out = tmp_path / "out"
-    result = _forecast(["--datalist", str(datalist), "--output_dir", str(out), "--ckpt_path", str(small_weights),
-                        "--treatments", "['placebo']", *FAST, *TINY_GRID, *SMALL_NET], expect_ok=False)
+    result = _forecast(
+        [
+            "--datalist",
+            str(datalist),
+            "--output_dir",
+            str(out),
+            "--ckpt_path",
+            str(small_weights),
+            "--treatments",
+            "['placebo']",
+            *FAST,
+            *TINY_GRID,
+            *SMALL_NET,
+        ],
+        expect_ok=False,
+    )
     assert result.returncode != 0
     log = result.stdout + result.stderr
     assert "broken" in log and "t1_1" in log
@@ -148,8 +184,19 @@ def test_real_patient_all_arms_on_its_grid(patient01_study1: dict[str, str], tmp
 def test_forecasts_are_restricted_to_the_brain(tiny_cohort: Path, small_weights: Path, tmp_path: Path) -> None:
     """Untrained weights with a de-bias weight far below 1 draw lesion voxels everywhere; the default run keeps only
     those in or next to the brain."""
-    common = ["--datalist", str(tiny_cohort), "--ckpt_path", str(small_weights), "--treatments", "['placebo']",
-              "--debias_weight", "0.001", *FAST, *TINY_GRID, *SMALL_NET]
+    common = [
+        "--datalist",
+        str(tiny_cohort),
+        "--ckpt_path",
+        str(small_weights),
+        "--treatments",
+        "['placebo']",
+        "--debias_weight",
+        "0.001",
+        *FAST,
+        *TINY_GRID,
+        *SMALL_NET,
+    ]
     _forecast([*common, "--output_dir", str(tmp_path / "brain")])
     _forecast([*common, "--output_dir", str(tmp_path / "all"), "--restrict_to_brain", "False"])
     case = json.loads(tiny_cohort.read_text())["testing"][0]

@@ -55,24 +55,42 @@ def test_ids_naming_the_same_folder_are_refused(tmp_path: Path) -> None:
 def test_id_rules() -> None:
     assert id_problem("syn0001") is None and id_problem("patient 01 (2019)") is None and id_problem("é") is None
     assert display_id("a" * 129) == "a" * 128 + "..." and display_id("a" * 128) == "a" * 128
-    for bad in (".", "..", "a/b", "a\\b", ".hidden", "tab\there", "summary.CSV", "evaluation_cases", "a" * 129,
-                "trailing "):
+    for bad in (
+        ".",
+        "..",
+        "a/b",
+        "a\\b",
+        ".hidden",
+        "tab\there",
+        "summary.CSV",
+        "evaluation_cases",
+        "a" * 129,
+        "trailing ",
+    ):
         assert id_problem(bad) is not None, bad
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "folder", "too_large"])
 def test_datalist_that_is_not_a_regular_file_or_too_large(tmp_path: Path, kind: str) -> None:
     """A FIFO would block and /dev/zero never end: both are refused before anything is read."""
-    path = {"fifo": tmp_path / "fifo.json", "device": Path("/dev/zero"), "folder": tmp_path,
-            "too_large": tmp_path / "big.json"}[kind]
+    path = {
+        "fifo": tmp_path / "fifo.json",
+        "device": Path("/dev/zero"),
+        "folder": tmp_path,
+        "too_large": tmp_path / "big.json",
+    }[kind]
     if kind == "fifo":
         os.mkfifo(path)
     if kind == "too_large":
         path.write_text(json.dumps({"testing": [{"id": f"case{i}"} for i in range(100)]}))
     with pytest.raises(DatalistError) as raised:
         _read_datalist(path, "testing", max_bytes=1000)
-    reason = {"fifo": "is a FIFO, not a regular file", "device": "is a device, not a regular file",
-              "folder": "is a folder, not a file", "too_large": "larger than the 0.000953674 MiB"}[kind]
+    reason = {
+        "fifo": "is a FIFO, not a regular file",
+        "device": "is a device, not a regular file",
+        "folder": "is a folder, not a file",
+        "too_large": "larger than the 0.000953674 MiB",
+    }[kind]
     assert str(raised.value).startswith(f"datalist {path}: ") and reason in str(raised.value), str(raised.value)
 
 
@@ -89,10 +107,17 @@ def test_treatments_option() -> None:
         parse_arms([])
 
 
-@pytest.mark.parametrize(("value", "words"), [
-    (0, "must be at least 1, got 0"), (-1, "must be at least 1, got -1"), (2.5, "whole number"),
-    (True, "whole number"), ("8", "whole number"), (10000, "above the limit of 256 samples"),
-])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (0, "must be at least 1, got 0"),
+        (-1, "must be at least 1, got -1"),
+        (2.5, "whole number"),
+        (True, "whole number"),
+        ("8", "whole number"),
+        (10000, "above the limit of 256 samples"),
+    ],
+)
 def test_num_samples_option(value: object, words: str) -> None:
     with pytest.raises(InputError, match="num_samples: ") as raised:
         check_num_samples(value)
@@ -104,8 +129,7 @@ def test_num_samples_limit_can_be_raised() -> None:
     assert check_num_samples(10000, limit=20000) == 10000 and check_num_samples(10000, limit=None) == 10000
 
 
-def test_sform_and_qform_apart_is_logged_with_the_affine_used(tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_sform_and_qform_apart_is_logged_with_the_affine_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     moved = affine.copy()
     moved[:3, 3] = (40.0, 0.0, 0.0)
@@ -129,20 +153,28 @@ def test_voxel_limit_is_checked_on_the_header(tmp_path: Path) -> None:
 
 
 def test_interrupted_command_exits_130() -> None:
-    code = ("from scripts.runtime.errors import ForecastInterrupted, install_error_hook\n"
-            "install_error_hook()\nraise ForecastInterrupted('stopped by the user; 3 case(s) finished')\n")
+    code = (
+        "from scripts.runtime.errors import ForecastInterrupted, install_error_hook\n"
+        "install_error_hook()\nraise ForecastInterrupted('stopped by the user; 3 case(s) finished')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "INTERRUPTED: stopped by the user; 3 case(s) finished"
 
 
-@pytest.mark.parametrize(("values", "outcome"), [
-    ((0, 1), "ok"), ((0, 255), "ok"), ((0,), "ok"), ((0.0, 0.25, 0.5, 1.0), "warning"),
-    ((0, 1, 2), "binary mask (0 and one label value), found 3 values: 0, 1, 2"),
-    ((0, 0.3), "no voxel reaches 0.5"), ((-1, 0, 1), "negative values"),
-])
-def test_mask_values(tmp_path: Path, values: tuple[float, ...], outcome: str,
-                     caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("values", "outcome"),
+    [
+        ((0, 1), "ok"),
+        ((0, 255), "ok"),
+        ((0,), "ok"),
+        ((0.0, 0.25, 0.5, 1.0), "warning"),
+        ((0, 1, 2), "binary mask (0 and one label value), found 3 values: 0, 1, 2"),
+        ((0, 0.3), "no voxel reaches 0.5"),
+        ((-1, 0, 1), "negative values"),
+    ],
+)
+def test_mask_values(tmp_path: Path, values: tuple[float, ...], outcome: str, caplog: pytest.LogCaptureFixture) -> None:
     """0 and one label pass; fractions in [0, 1] (linear resampling) pass with a warning; label maps do not."""
     flair = _image(tmp_path / "flair.nii.gz", np.diag([3.0, 3.0, 3.0, 1.0]))
     mask = np.zeros((8, 8, 8), np.float32)
@@ -158,4 +190,3 @@ def test_mask_values(tmp_path: Path, values: tuple[float, ...], outcome: str,
         with pytest.raises(CaseError, match="t2les_1") as raised:
             LoadCased()(case)
         assert outcome in str(raised.value), str(raised.value)
-

@@ -80,8 +80,20 @@ def test_cli_prints_the_contract_fields(tmp_path: Path) -> None:
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(m, affine), tmp_path / "m.nii.gz")
     nib.save(nib.Nifti1Image(ref, affine), tmp_path / "r.nii.gz")
-    out = subprocess.run([sys.executable, "-m", "scripts.lesions", str(tmp_path / "m.nii.gz"), "--reference",
-                          str(tmp_path / "r.nii.gz")], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.lesions",
+            str(tmp_path / "m.nii.gz"),
+            "--reference",
+            str(tmp_path / "r.nii.gz"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout)
     expected_fields = {"count", "total_volume_mm3", "lesions", "tp", "fp", "fn", "precision", "recall", "f1", "dice"}
     assert expected_fields <= set(result)
@@ -111,10 +123,14 @@ def test_centroids_and_volumes_with_flipped_permuted_anisotropic_affine() -> Non
     m = _mask()
     m[1:3, 5, 7:10] = 1  # 2 x 1 x 3 = 6 voxels, voxel centre (1.5, 5, 8)
     m[15, 15, 15] = 1  # one voxel
-    affine = np.array([[0.0, -0.7, 0.0, 90.0],  # voxel axis 1 runs towards world -x
-                       [-1.2, 0.0, 0.0, 120.0],  # voxel axis 0 towards world -y
-                       [0.0, 0.0, 3.0, -60.0],
-                       [0.0, 0.0, 0.0, 1.0]])
+    affine = np.array(
+        [
+            [0.0, -0.7, 0.0, 90.0],  # voxel axis 1 runs towards world -x
+            [-1.2, 0.0, 0.0, 120.0],  # voxel axis 0 towards world -y
+            [0.0, 0.0, 3.0, -60.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     first, second = describe_lesions(m, affine)
     assert first["volume_mm3"] == pytest.approx(6 * 0.7 * 1.2 * 3.0)
     assert first["centroid_mm"] == pytest.approx([90.0 - 0.7 * 5, 120.0 - 1.2 * 1.5, -60.0 + 3.0 * 8])

@@ -29,7 +29,8 @@ def test_count_crps_rewards_the_right_spread() -> None:
     # samples {0, 2}, truth 1: mean |X - y| = 1, fair spread term = (2 + 2) / (2 * 2 * 1) = 1 -> 0
     assert count_crps([0, 2], 1) == pytest.approx(0.0)
     assert count_crps([0, 0, 2, 6], 1) == pytest.approx(
-        np.mean([1, 1, 1, 5]) - sum(abs(a - b) for a, b in itertools.permutations([0, 0, 2, 6], 2)) / (2 * 4 * 3))
+        np.mean([1, 1, 1, 5]) - sum(abs(a - b) for a, b in itertools.permutations([0, 0, 2, 6], 2)) / (2 * 4 * 3)
+    )
 
 
 def test_count_crps_fair_estimator_matches_the_exact_score() -> None:
@@ -84,7 +85,8 @@ def test_reference_scores_on_the_tiny_cohort(tiny_cohort) -> None:
     assert scores["val_activity_brier"]["empty forecast"] == pytest.approx(np.mean([n > 0 for n in counts]))
     assert scores["val_count_mae"]["oracle"] == pytest.approx(np.mean(np.abs(np.subtract(means, counts))))
     assert scores["val_count_crps"]["oracle"] == pytest.approx(
-        np.mean([poisson_count_crps(m, n) for m, n in zip(means, counts, strict=True)]))
+        np.mean([poisson_count_crps(m, n) for m, n in zip(means, counts, strict=True)])
+    )
 
     # through a transform: the label it returns is the one counted
     def emptied(case: dict) -> dict:

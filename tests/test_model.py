@@ -91,8 +91,10 @@ def test_lesion_load_reaches_the_embedding(net: ForecastDiffusionUNet) -> None:
         base = net(x, t, constant, treatment, horizon)
         more = net(x, t, active, treatment, horizon)
         labels = net.condition_labels(treatment, horizon, constant[:, load].flatten(2).mean(-1))
-        emb, emb_more = (net.embedding(t, net.condition_labels(treatment, horizon, c[:, load].flatten(2).mean(-1)),
-                                       torch.float32) for c in (constant, active))
+        emb, emb_more = (
+            net.embedding(t, net.condition_labels(treatment, horizon, c[:, load].flatten(2).mean(-1)), torch.float32)
+            for c in (constant, active)
+        )
     assert labels.shape == (2, 2 + len(LOAD_CHANNELS))
     assert (more - base).abs().max() > 1e-4 and (emb_more - emb).abs().max() > 1e-4
     with pytest.raises(ValueError, match="patient_channels"):
@@ -148,8 +150,12 @@ def test_scheduler_step_recovers_x0_from_confident_logits() -> None:
 
 def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
     _, _, cond, _, horizon = _inputs(4)
-    batch = {"cond": cond, "label": (torch.rand(4, 1, SIZE, SIZE, SIZE) > 0.9).float(),
-             "treatment": torch.tensor([0, 1, 2, 3]), "horizon": horizon}
+    batch = {
+        "cond": cond,
+        "label": (torch.rand(4, 1, SIZE, SIZE, SIZE) > 0.9).float(),
+        "treatment": torch.tensor([0, 1, 2, 3]),
+        "horizon": horizon,
+    }
     torch.manual_seed(0)
     prepare = MaskDiffusionPrepareBatch(ForecastScheduler(), treatment_dropout=1.0)
     assert isinstance(prepare, monai.engines.DiffusionPrepareBatch)
@@ -188,8 +194,9 @@ def test_likelihood_ratio_input_and_logit_debiasing() -> None:
     # a calibrated sampling weight de-biases by its own log, training's weight is untouched
     calibrated = ForecastScheduler(lesion_weight=20.0, debias_weight=60.0)
     assert calibrated.lesion_weight == 20.0 and scheduler.debias_weight == 20.0
-    x0_cal, _ = calibrated.predict_x0_eps(torch.logit(p) + torch.log(torch.tensor(60.0)), torch.zeros(4),
-                                          torch.tensor(0.5))
+    x0_cal, _ = calibrated.predict_x0_eps(
+        torch.logit(p) + torch.log(torch.tensor(60.0)), torch.zeros(4), torch.tensor(0.5)
+    )
     assert torch.allclose((x0_cal + 1) / 2, p, atol=1e-5)
     with pytest.raises(ValueError, match="debias_weight"):
         ForecastScheduler(debias_weight=0.0)
@@ -212,7 +219,8 @@ def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
     noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     whole = ForecastSampler(ForecastScheduler(), 3, guidance_scale=2.0).sample(net, cond, treatment, horizon, noise)
     chunked = ForecastSampler(ForecastScheduler(), 3, guidance_scale=2.0, chunk_size=1).sample(
-        net, cond, treatment, horizon, noise)
+        net, cond, treatment, horizon, noise
+    )
     assert torch.equal(whole, chunked)
 
 

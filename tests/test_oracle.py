@@ -110,5 +110,12 @@ def test_draw_detection_counts_overlaps() -> None:
     hit, miss = np.zeros_like(truth), np.zeros_like(truth)
     hit[1, 1, 1] = hit[3, 3, 3] = True  # one true lesion found, one false lesion
     out = draw_detection(np.stack([hit, miss]), truth)
-    assert out == {"tp": 1, "fp": 1, "fn": 3, "n_forecast_lesions": 2, "n_true_lesions": 4,
-                   "matched_forecast_lesions": 1, "n_samples": 2}
+    assert out == {
+        "tp": 1,
+        "fp": 1,
+        "fn": 3,
+        "n_forecast_lesions": 2,
+        "n_true_lesions": 4,
+        "matched_forecast_lesions": 1,
+        "n_samples": 2,
+    }

@@ -27,8 +27,13 @@ from tests.test_export import TINY, tiny_checkpoint
 
 SCHEMA = REPO_ROOT / ".." / "shared" / "schema" / "meta_schema_20240725.json"
 NAME = "ms_bundle_under_test"
-SMALL_RUN = {"num_samples": 1, "num_inference_steps": 2, "treatments": ["placebo", "ocrelizumab"],
-             "spatial_size": [32, 32, 32], "spacing": [6, 6, 6]}
+SMALL_RUN = {
+    "num_samples": 1,
+    "num_inference_steps": 2,
+    "treatments": ["placebo", "ocrelizumab"],
+    "spatial_size": [32, 32, 32],
+    "spacing": [6, 6, 6],
+}
 """A quick forecast, written to the packaged ``configs/deploy_test.json`` that MONAI Deploy merges by name."""
 
 
@@ -37,11 +42,29 @@ def packaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = package(tmp_path_factory.mktemp("packaged"), name=NAME)
     ckpt = tiny_checkpoint(bundle / "models" / "model.pt")
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.export", "--ckpt", str(ckpt), "--out", str(bundle / "models" / "model.ts"),
-         "--config_file", str(bundle / "configs" / "inference.json"),
-         "--meta_file", str(bundle / "configs" / "metadata.json"),
-         "--network_channels", json.dumps(TINY["network_channels"]), "--spatial_size", "[16,16,16]"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        [
+            sys.executable,
+            "-m",
+            "scripts.export",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(bundle / "models" / "model.ts"),
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--meta_file",
+            str(bundle / "configs" / "metadata.json"),
+            "--network_channels",
+            json.dumps(TINY["network_channels"]),
+            "--spatial_size",
+            "[16,16,16]",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert json.loads(result.stdout)["max_abs_difference_vs_eager"] <= 1e-5
     (bundle / "configs" / "deploy_test.json").write_text(json.dumps(SMALL_RUN))
@@ -50,10 +73,20 @@ def packaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layout_follows_the_model_zoo(packaged: Path, tmp_path: Path) -> None:
     # necessary and preferred files of the Model Zoo's verify_bundle_directory, and this bundle's parts
-    for item in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json",
-                 "configs/inference_ts.json", "configs/train.json", "configs/logging.conf", "docs/README.md",
-                 "sample_data/datalist.json", "scripts/__init__.py", "scripts/runtime/network.py",
-                 "scripts/runtime/inferer.py"):
+    for item in (
+        "configs/metadata.json",
+        "LICENSE",
+        "models/model.pt",
+        "configs/inference.json",
+        "configs/inference_ts.json",
+        "configs/train.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "sample_data/datalist.json",
+        "scripts/__init__.py",
+        "scripts/runtime/network.py",
+        "scripts/runtime/inferer.py",
+    ):
         assert (packaged / item).is_file(), item
     assert not list(packaged.rglob("__pycache__"))
     for config in ("inference.json", "train.json"):
@@ -64,8 +97,9 @@ def test_layout_follows_the_model_zoo(packaged: Path, tmp_path: Path) -> None:
         package(packaged.parent, name=NAME)
     # a model.ts exported from other weights than the model.pt shipped beside it is refused
     torch.manual_seed(3)
-    torch.save({k: torch.randn_like(v) for k, v in torch.load(packaged / "models" / "model.pt").items()},
-               tmp_path / "other.pt")
+    torch.save(
+        {k: torch.randn_like(v) for k, v in torch.load(packaged / "models" / "model.pt").items()}, tmp_path / "other.pt"
+    )
     stale = tmp_path / "bundle"
     (stale / "models").mkdir(parents=True)
     (stale / "configs").symlink_to(packaged / "configs")
@@ -83,9 +117,14 @@ def test_packaged_forecast_runs_from_another_directory(packaged: Path, tmp_path:
     args = [a for k, v in overrides.items() for a in (f"--{k}", json.dumps(v).replace('"', "'"))]
     # no repository on the path: bundle_root (and so model.ts and sample_data) comes from the copy of scripts
     env = {**os.environ, "PYTHONPATH": str(packaged), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs),
-                             "--output_dir", "out", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--output_dir", "out", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     cases = [c["id"] for c in load_datalist(packaged / "sample_data" / "datalist.json", "testing")]
     for case in cases:
@@ -105,22 +144,42 @@ def test_model_zoo_checks_pass_on_the_packaged_bundle(packaged: Path, tiny_cohor
     # the network and its metadata agree (forward needs timesteps, cond, treatment and horizon besides the image)
     size = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
     cond_channels = meta["network_data_format"]["inputs"]["cond"]["num_channels"]
-    extra = {"timesteps": torch.tensor([500]), "cond": torch.rand(1, cond_channels, *size),
-             "treatment": torch.tensor([0]), "horizon": torch.tensor([24.0])}
-    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
-                      config_file=str(configs / "inference.json"), device="cpu", bundle_root=str(packaged),
-                      extra_forward_args=extra)
+    extra = {
+        "timesteps": torch.tensor([500]),
+        "cond": torch.rand(1, cond_channels, *size),
+        "treatment": torch.tensor([0]),
+        "horizon": torch.tensor([24.0]),
+    }
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        device="cpu",
+        bundle_root=str(packaged),
+        extra_forward_args=extra,
+    )
 
-    common = {"bundle_root": str(packaged), "meta_file": str(configs / "metadata.json"),
-              "logging_file": str(configs / "logging.conf"), **TINY}
+    common = {
+        "bundle_root": str(packaged),
+        "meta_file": str(configs / "metadata.json"),
+        "logging_file": str(configs / "logging.conf"),
+        **TINY,
+    }
     infer = create_workflow(config_file=str(configs / "inference.json"), workflow_type="infer", **common)
     assert infer.check_properties() == []
 
     # the packaged train.json holds the content of the repository's macros and passes as it is
     assert "%bundle/configs/" not in (configs / "train.json").read_text()
-    train = create_workflow(config_file=str(configs / "train.json"), workflow_type="train", datalist=str(tiny_cohort),
-                            output_dir=str(tmp_path / "train"), cache_rate=0.0, spatial_size=[32, 32, 32],
-                            spacing=[6, 6, 6], **common)
+    train = create_workflow(
+        config_file=str(configs / "train.json"),
+        workflow_type="train",
+        datalist=str(tiny_cohort),
+        output_dir=str(tmp_path / "train"),
+        cache_rate=0.0,
+        spatial_size=[32, 32, 32],
+        spacing=[6, 6, 6],
+        **common,
+    )
     assert train.check_properties() == []
 
 
@@ -145,13 +204,17 @@ def test_deploy_loading_path_emulated(packaged: Path) -> None:
         device = parser.get_parsed_content("device")
         inferer = parser.get_parsed_content("inferer")
         preprocessing = parser.get_parsed_content("preprocessing")
-        preprocessing.transforms = tuple(t for t in preprocessing.transforms
-                                         if not any(d in type(t).__name__ for d in ("LoadImage", "SaveImage")))
+        preprocessing.transforms = tuple(
+            t for t in preprocessing.transforms if not any(d in type(t).__name__ for d in ("LoadImage", "SaveImage"))
+        )
         assert parser.get("postprocessing") is None  # Deploy then uses an empty Compose
         network = torch.jit.load(str(packaged / "models" / "model.ts"), map_location=device).eval()
         data = preprocessing(_sample_case(packaged))
-        samples = inferer(inputs=data["cond"][None].to(device), network=network,
-                          horizon=torch.as_tensor(data["horizon"]).reshape(1).to(device))
+        samples = inferer(
+            inputs=data["cond"][None].to(device),
+            network=network,
+            horizon=torch.as_tensor(data["horizon"]).reshape(1).to(device),
+        )
     finally:
         sys.path.remove(str(packaged))
     assert samples.shape == (1, 2, 1, *SMALL_RUN["spatial_size"])
@@ -177,21 +240,28 @@ def test_deploy_sdk_operator_runs_the_packaged_bundle(packaged: Path) -> None:
     ``timesteps``, ``cond``, ``treatment``, ``horizon``) from an input port, while this bundle's inferer runs the
     whole sampler from the conditioning volume, so a Deploy application wraps it with its own ports.
     """
-    sdk = pytest.importorskip("monai.deploy.operators.monai_bundle_inference_operator",
-                              reason="monai-deploy-app-sdk is not installed")
+    sdk = pytest.importorskip(
+        "monai.deploy.operators.monai_bundle_inference_operator", reason="monai-deploy-app-sdk is not installed"
+    )
     from monai.deploy.core import AppContext, Fragment, Image, IOType
 
     op = sdk.MonaiBundleInferenceOperator(
-        Fragment(), app_context=AppContext({}), input_mapping=[sdk.IOMapping("image", Image, IOType.IN_MEMORY)],
-        output_mapping=[sdk.IOMapping("pred", Image, IOType.IN_MEMORY)], bundle_path=str(packaged),
-        bundle_config_names=sdk.BundleConfigNames(config_names=["inference", "deploy_test"]), name="net2_forecast")
+        Fragment(),
+        app_context=AppContext({}),
+        input_mapping=[sdk.IOMapping("image", Image, IOType.IN_MEMORY)],
+        output_mapping=[sdk.IOMapping("pred", Image, IOType.IN_MEMORY)],
+        bundle_path=str(packaged),
+        bundle_config_names=sdk.BundleConfigNames(config_names=["inference", "deploy_test"]),
+        name="net2_forecast",
+    )
     # what compute() does first for a directory bundle
     op._init_config(op._bundle_config_names.config_names)
     op._model_network = sdk._load_model_from_directory_bundle(op.bundle_path, op._device, op.parser)
     assert isinstance(op._model_network, torch.jit.ScriptModule)  # models/model.ts, not model.pt
     data = op.pre_process(_sample_case(packaged))
-    samples = op.predict(data=data["cond"][None].to(op._device),
-                         horizon=torch.as_tensor(data["horizon"]).reshape(1).to(op._device))
+    samples = op.predict(
+        data=data["cond"][None].to(op._device), horizon=torch.as_tensor(data["horizon"]).reshape(1).to(op._device)
+    )
     assert samples.shape == (1, 2, 1, *SMALL_RUN["spatial_size"])
 
     parser = sdk.get_bundle_config(str(packaged / "models" / "model.ts"), ["inference"])

@@ -82,4 +82,6 @@ def test_calibrated_on_held_out_patients():
         assert np.mean(covered) >= 0.9, arm
         # the reference ranks patients: its top half holds more lesions than its bottom half
         order = np.argsort(forecast)
-        assert outcome_arr[order[outcome_arr.size // 2:]].mean() > 2 * outcome_arr[order[:outcome_arr.size // 2]].mean()
+        assert (
+            outcome_arr[order[outcome_arr.size // 2 :]].mean() > 2 * outcome_arr[order[: outcome_arr.size // 2]].mean()
+        )

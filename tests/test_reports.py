@@ -40,8 +40,12 @@ def _summaries(arms: tuple[str, ...]) -> dict[str, dict]:
     out = {}
     for i, arm in enumerate(arms):
         samples = rng.poisson(3.0 * (1 - i / len(arms)), 100)
-        out[arm] = {"expected_count": float(samples.mean()), "p_active": float((samples > 0).mean()),
-                    "count_samples": samples.tolist(), "expected_volume_mm3": 50.0 * float(samples.mean())}
+        out[arm] = {
+            "expected_count": float(samples.mean()),
+            "p_active": float((samples > 0).mean()),
+            "count_samples": samples.tolist(),
+            "expected_volume_mm3": 50.0 * float(samples.mean()),
+        }
     return out
 
 
@@ -142,10 +146,16 @@ def test_affine_reorients_to_ras(tmp_path: Path) -> None:
     zyx[0, 2], zyx[1, 1], zyx[2, 0], zyx[3, 3] = 3.0, 3.0, 3.0, 1.0
     zyx[:3, 3] = ras[:3, 3]
     a = forecast_figure(mri, probs, summary, tmp_path / "ras.png", affine=ras)
-    b = forecast_figure(mri[::-1, ::-1], {"placebo": probs["placebo"][::-1, ::-1]}, summary, tmp_path / "lps.png",
-                        affine=lps)
-    c = forecast_figure(mri.transpose(2, 1, 0), {"placebo": probs["placebo"].transpose(2, 1, 0)}, summary,
-                        tmp_path / "zyx.png", affine=zyx)
+    b = forecast_figure(
+        mri[::-1, ::-1], {"placebo": probs["placebo"][::-1, ::-1]}, summary, tmp_path / "lps.png", affine=lps
+    )
+    c = forecast_figure(
+        mri.transpose(2, 1, 0),
+        {"placebo": probs["placebo"].transpose(2, 1, 0)},
+        summary,
+        tmp_path / "zyx.png",
+        affine=zyx,
+    )
     assert np.array_equal(mpimg.imread(a), mpimg.imread(b))
     assert np.array_equal(mpimg.imread(a), mpimg.imread(c))
 
@@ -177,8 +187,9 @@ def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
     probs = {arm: ndimage.gaussian_filter(case.counterfactual[arm].astype(np.float32), 0.7) for arm in ARMS}
     top = max(float(p.max()) for p in probs.values()) or 1.0
     probs = {arm: p / top for arm, p in probs.items()}
-    out = forecast_figure(flair, probs, _summaries(ARMS), tmp_path / "forecast.png", affine=case.grid.affine,
-                          title=f"case {case.case_id}")
+    out = forecast_figure(
+        flair, probs, _summaries(ARMS), tmp_path / "forecast.png", affine=case.grid.affine, title=f"case {case.case_id}"
+    )
     _check_png(out)
 
 

@@ -43,19 +43,56 @@ from scripts.training.engines import (
 )
 from tests.conftest import REPO_ROOT
 
-SMALL = {"channels": (8, 16, 16, 16), "attention_levels": (False, False, False, True), "norm_num_groups": 8,
-         "num_head_channels": 16}
-FORECAST_FLAGS = ["--network_channels", "[8,16,16,16]", "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]",
-                  "--num_samples", "2", "--num_inference_steps", "2", "--device", "cpu", "--treatments", "['placebo']"]
+SMALL = {
+    "channels": (8, 16, 16, 16),
+    "attention_levels": (False, False, False, True),
+    "norm_num_groups": 8,
+    "num_head_channels": 16,
+}
+FORECAST_FLAGS = [
+    "--network_channels",
+    "[8,16,16,16]",
+    "--spatial_size",
+    "[32,32,32]",
+    "--spacing",
+    "[6,6,6]",
+    "--num_samples",
+    "2",
+    "--num_inference_steps",
+    "2",
+    "--device",
+    "cpu",
+    "--treatments",
+    "['placebo']",
+]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 GOOD = "good"
 
 
 def _forecast(datalist: Path, out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json", "--datalist",
-         str(datalist), "--output_dir", str(out), "--ckpt_path", str(weights), *FORECAST_FLAGS, *extra],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "bundle/configs/inference.json",
+            "--datalist",
+            str(datalist),
+            "--output_dir",
+            str(out),
+            "--ckpt_path",
+            str(weights),
+            *FORECAST_FLAGS,
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
 
 
 def _report(result: subprocess.CompletedProcess) -> list[str]:
@@ -64,7 +101,7 @@ def _report(result: subprocess.CompletedProcess) -> list[str]:
     starts = [i for i, line in enumerate(lines) if line.startswith("ERROR: ")]
     assert starts, f"no ERROR line; rc={result.returncode}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[starts[-1]:]
+    return lines[starts[-1] :]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +179,9 @@ def _huge_header(affine: np.ndarray, path: Path) -> str:
     return str(path)
 
 
-def _with_forms(image: np.ndarray, affine: np.ndarray, path: Path, sform: int, qform: int,
-                qform_affine: np.ndarray | None = None) -> str:
+def _with_forms(
+    image: np.ndarray, affine: np.ndarray, path: Path, sform: int, qform: int, qform_affine: np.ndarray | None = None
+) -> str:
     """Save with the given sform and qform codes (and a qform of its own); nibabel keeps the header's forms as they
     are when the image has no affine of its own."""
     header = nib.Nifti1Header()
@@ -199,8 +237,9 @@ def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]
     files["no_orientation"] = _with_forms(image, affine, folder / "no_orientation.nii.gz", sform=0, qform=0)
     flipped = affine.copy()
     flipped[0] *= -1  # left-right mirrored
-    files["flipped_qform"] = _with_forms(image, affine, folder / "flipped.nii.gz", sform=1, qform=1,
-                                         qform_affine=flipped)
+    files["flipped_qform"] = _with_forms(
+        image, affine, folder / "flipped.nii.gz", sform=1, qform=1, qform_affine=flipped
+    )
     cases: list[dict[str, Any]] = []
     for case_id, (key, _) in BAD.items():
         case = dict(good, id=case_id)
@@ -217,8 +256,11 @@ def _bad_datalist(tiny_cohort: Path, folder: Path) -> tuple[Path, dict[str, str]
     assert list(BAD).index("#13") == 13  # an entry without id is named by its position
     cases.extend(dict(good, id=case_id) for case_id in BAD_IDS)
     # an empty lesion mask is a valid input (no lesion seen): the good case has one
-    empty = _save(np.zeros(nib.load(good["gadles_1"]).shape, np.uint8), nib.load(good["gadles_1"]).affine,
-                  folder / "empty_gadles.nii.gz")
+    empty = _save(
+        np.zeros(nib.load(good["gadles_1"]).shape, np.uint8),
+        nib.load(good["gadles_1"]).affine,
+        folder / "empty_gadles.nii.gz",
+    )
     cases.append(dict(good, id=GOOD, gadles_1=empty))
     datalist = folder / "datalist.json"
     datalist.write_text(json.dumps({"testing": cases}))
@@ -314,12 +356,17 @@ def test_bad_datalist_file(small_weights: Path, tmp_path: Path, content: str, wo
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("flags", "words"), [
-    (["--num_samples", "0"], "ERROR: num_samples: must be at least 1, got 0"),
-    (["--treatments", "placebo,placebo"], "ERROR: treatments: 'placebo' listed more than once"),
-], ids=["no_samples", "repeated_arm"])
-def test_bad_option_is_reported_before_any_case(tiny_cohort: Path, small_weights: Path, tmp_path: Path,
-                                                flags: list[str], words: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--num_samples", "0"], "ERROR: num_samples: must be at least 1, got 0"),
+        (["--treatments", "placebo,placebo"], "ERROR: treatments: 'placebo' listed more than once"),
+    ],
+    ids=["no_samples", "repeated_arm"],
+)
+def test_bad_option_is_reported_before_any_case(
+    tiny_cohort: Path, small_weights: Path, tmp_path: Path, flags: list[str], words: str
+) -> None:
     result = _forecast(tiny_cohort, tmp_path / "out", small_weights, *flags)
     assert result.returncode != 0
     assert _report(result) == [words]
@@ -344,8 +391,13 @@ def test_checkpoint_of_another_network(tiny_cohort: Path, tmp_path: Path) -> Non
 
 def test_unknown_requested_arm_lists_the_valid_ones(tiny_cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(errors.InputError, match="treatments: unknown treatment 'aspirin'; valid arms are: placebo, "):
-        ForecastRunner(CaseDataset(tiny_cohort, "testing", _stub_preprocessing), tmp_path, torch.nn.Identity(),
-                       _StubInferer(), arms=["placebo", "aspirin"])
+        ForecastRunner(
+            CaseDataset(tiny_cohort, "testing", _stub_preprocessing),
+            tmp_path,
+            torch.nn.Identity(),
+            _StubInferer(),
+            arms=["placebo", "aspirin"],
+        )
 
 
 def test_horizon_range_is_the_trained_range() -> None:
@@ -377,16 +429,28 @@ class _StubInferer:
 def _stub_preprocessing(case: dict) -> dict:
     cond = torch.zeros((len(CONDITION_CHANNELS), SIZE, SIZE, SIZE))
     affine = np.diag([6.0, 6.0, 6.0, 1.0])
-    return {"cond": cond, "horizon": torch.tensor(24.0), "working_affine": affine, "reference_affine": affine,
-            "reference_shape": (SIZE, SIZE, SIZE)}
+    return {
+        "cond": cond,
+        "horizon": torch.tensor(24.0),
+        "working_affine": affine,
+        "reference_affine": affine,
+        "reference_shape": (SIZE, SIZE, SIZE),
+    }
 
 
 def _runner(tiny_cohort: Path, tmp_path: Path, **kwargs: Any) -> ForecastRunner:
     flair = tiny_cohort.parent / json.loads(tiny_cohort.read_text())["testing"][0]["flair_1"]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"id": "a", "flair_1": str(flair)}]}))
-    return ForecastRunner(CaseDataset(datalist, "testing", _stub_preprocessing), tmp_path / "out",
-                          torch.nn.Identity(), _StubInferer(), arms=["placebo", "ocrelizumab"], figure=False, **kwargs)
+    return ForecastRunner(
+        CaseDataset(datalist, "testing", _stub_preprocessing),
+        tmp_path / "out",
+        torch.nn.Identity(),
+        _StubInferer(),
+        arms=["placebo", "ocrelizumab"],
+        figure=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -403,8 +467,9 @@ def interrupt_forecast_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Path, "write_text", interrupted)
 
 
-def test_interrupted_forecast_json_leaves_nothing(tiny_cohort: Path, tmp_path: Path,
-                                                  interrupt_forecast_json: None) -> None:
+def test_interrupted_forecast_json_leaves_nothing(
+    tiny_cohort: Path, tmp_path: Path, interrupt_forecast_json: None
+) -> None:
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         _runner(tiny_cohort, tmp_path).run()
@@ -412,8 +477,9 @@ def test_interrupted_forecast_json_leaves_nothing(tiny_cohort: Path, tmp_path: P
     assert [p.name for p in out.iterdir()] == ["summary.csv"] and _summary_ids(out) == []
 
 
-def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_overwrite_keeps_the_previous_forecast(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     _runner(tiny_cohort, tmp_path).run()
     previous = {p.name: p.read_bytes() for p in (out / "a").iterdir()}
@@ -437,14 +503,21 @@ def test_interrupted_overwrite_keeps_the_previous_forecast(tiny_cohort: Path, tm
     assert sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
 
 
-def _cases_runner(tiny_cohort: Path, tmp_path: Path, ids: list[str], inferer: Any = None,
-                  out: Path | None = None) -> ForecastRunner:
+def _cases_runner(
+    tiny_cohort: Path, tmp_path: Path, ids: list[str], inferer: Any = None, out: Path | None = None
+) -> ForecastRunner:
     """The runner with the stub sampler over cases ``ids`` (all the same image)."""
     flair = tiny_cohort.parent / json.loads(tiny_cohort.read_text())["testing"][0]["flair_1"]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"id": i, "flair_1": str(flair)} for i in ids]}))
-    return ForecastRunner(CaseDataset(datalist, "testing", _stub_preprocessing), out or tmp_path / "out",
-                          torch.nn.Identity(), inferer or _StubInferer(), arms=["placebo"], figure=False)
+    return ForecastRunner(
+        CaseDataset(datalist, "testing", _stub_preprocessing),
+        out or tmp_path / "out",
+        torch.nn.Identity(),
+        inferer or _StubInferer(),
+        arms=["placebo"],
+        figure=False,
+    )
 
 
 def _summary_ids(out: Path) -> list[str]:
@@ -458,8 +531,9 @@ def test_summary_floats_are_rounded(tiny_cohort: Path, tmp_path: Path) -> None:
         row = next(csv.DictReader(handle))
     for key in ("expected_count", "p_active", "expected_volume_mm3"):
         assert len(re.sub(r"[^0-9]", "", row[key].split("e")[0]).lstrip("0")) <= 6, (key, row[key])
-    assert float(row["p_active"]) == pytest.approx(json.loads((tmp_path / "out" / "a" / "forecast.json").read_text())[
-        "arms"]["placebo"]["p_active"], rel=1e-5)
+    assert float(row["p_active"]) == pytest.approx(
+        json.loads((tmp_path / "out" / "a" / "forecast.json").read_text())["arms"]["placebo"]["p_active"], rel=1e-5
+    )
 
 
 def test_output_path_that_is_a_file(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -468,9 +542,11 @@ def test_output_path_that_is_a_file(tiny_cohort: Path, tmp_path: Path) -> None:
         _cases_runner(tiny_cohort, tmp_path, ["a"]).run()
 
 
-def test_unwritable_output_folder_is_found_before_any_case(tiny_cohort: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_output_folder_is_found_before_any_case(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """(Tests run as root, whom file modes do not stop: the refusal is simulated where the runner writes.)"""
+
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
 
@@ -490,8 +566,9 @@ def test_unwritable_output_folder_is_found_before_any_case(tiny_cohort: Path, tm
     assert Counting.calls == 2
 
 
-def test_full_disk_stops_the_run_with_a_summary(tiny_cohort: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_stops_the_run_with_a_summary(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first case written to a full disk fails naming the file; the others are not computed in vain."""
     save = forecast_module.save_nifti
     written = []
@@ -548,7 +625,8 @@ def test_case_claimed_by_a_live_run_is_left_to_it(tiny_cohort: Path, tmp_path: P
         _cases_runner(tiny_cohort, tmp_path, ["a", "b", "c", "e"]).run()
     assert str(raised.value).split("\n")[1:] == [  # the live claim of this host is left to its run, silently
         "case 'e': case: not forecast: claimed by another run (4242@otherhost); rerun once it has finished, or "
-        f"delete {files.claim_path(out, 'e')} if that run is dead"]
+        f"delete {files.claim_path(out, 'e')} if that run is dead"
+    ]
     assert sorted(p.name for p in out.iterdir()) == [".a.claim", ".e.claim", "b", "c", "summary.csv"]
     assert _summary_ids(out) == ["b", "c"]
     assert files.claim(out, "a") == f"1@{host}" and files.claim(out, "d") is None
@@ -586,9 +664,16 @@ def test_two_runs_on_one_output_folder_split_the_cases(tiny_cohort: Path, tmp_pa
     runs = []
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-        runs.append(subprocess.Popen([sys.executable, "-c", _SPLIT_RUN, str(tiny_cohort), str(tmp_path / name),
-                                      str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=ENV))
+        runs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _SPLIT_RUN, str(tiny_cohort), str(tmp_path / name), str(out)],
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+        )
     for run in runs:
         assert run.stdout.readline() == "ready\n", run.stderr.read()[-2000:]
     (tmp_path / "go").touch()
@@ -613,8 +698,9 @@ def test_checkpoint_savers_are_atomic(tmp_path: Path) -> None:
     network = torch.nn.Linear(2, 2)
     trainer_saver = TrainerCheckpointSaver(str(tmp_path), {"network": network}, save_interval=1, n_saved=1)
     assert isinstance(trainer_saver._interval_checkpoint.save_handler, AtomicDiskSaver)
-    best = AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_key_metric=True,
-                                   key_metric_filename="model.pt")
+    best = AtomicCheckpointSaver(
+        str(tmp_path), {"model": network}, save_key_metric=True, key_metric_filename="model.pt"
+    )
     handler = best._key_metric_checkpoint.save_handler
     assert isinstance(handler, AtomicDiskSaver) and handler.filename == "model.pt"
 
@@ -630,8 +716,7 @@ def test_resumed_run_counts_earlier_checkpoints(tmp_path: Path) -> None:
         engine.state.epoch, engine.state.iteration = 1, 2
 
     engine.add_event_handler(Events.STARTED, resume)
-    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=1,
-                             n_saved=1).attach(engine)
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=1, n_saved=1).attach(engine)
     engine.run([0, 1], max_epochs=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
 
@@ -688,8 +773,14 @@ engine.run([0], max_epochs=2)
 def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, kind: str, name: str) -> None:
     """ignite removes the file a save replaces before writing the new one; a kill at that moment must still leave the
     previous checkpoint whole."""
-    process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), kind], cwd=REPO_ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path), kind],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert process.stdout.readline() == "saving\n", process.stderr.read()
         process.send_signal(signal.SIGKILL)
@@ -727,8 +818,7 @@ def test_resume_removes_a_superseded_checkpoint(tmp_path: Path) -> None:
         torch.save({"w": torch.zeros(1)}, tmp_path / f"checkpoint_epoch={epoch}.pt")
     engine = Engine(lambda engine, batch: None)
     engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 2))
-    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
-                           n_saved=1).attach(engine)
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5, n_saved=1).attach(engine)
     engine.add_event_handler(Events.STARTED, lambda e: e.terminate())
     engine.run([0], max_epochs=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
@@ -739,16 +829,16 @@ def test_last_epoch_is_always_checkpointed(tmp_path: Path) -> None:
     from ignite.engine import Engine, Events
 
     engine = Engine(lambda engine, batch: None)
-    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
-                           n_saved=1).attach(engine)
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5, n_saved=1).attach(engine)
     engine.run([0], max_epochs=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=7.pt"]
     before = (tmp_path / "checkpoint_epoch=7.pt").stat().st_mtime_ns
     # a run resumed at its last epoch has nothing left to train: it saves nothing
     resumed = Engine(lambda engine, batch: None)
     resumed.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 7))
-    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5,
-                           n_saved=1).attach(resumed)
+    TrainerCheckpointSaver(str(tmp_path), {"network": torch.nn.Linear(2, 2)}, save_interval=5, n_saved=1).attach(
+        resumed
+    )
     resumed.run([0], max_epochs=7)
     assert (tmp_path / "checkpoint_epoch=7.pt").stat().st_mtime_ns == before
 
@@ -758,9 +848,26 @@ def test_last_epoch_is_always_checkpointed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 TRAIN_FLAGS = [
-    "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--batch_size", "1", "--val_interval", "100",
-    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_channels", "[8,16,16,16]",
-    "--device", "cpu", "--checkpoint_interval", "1", "--train#trainer#max_epochs", "3",
+    "--spatial_size",
+    "[32,32,32]",
+    "--spacing",
+    "[6,6,6]",
+    "--batch_size",
+    "1",
+    "--val_interval",
+    "100",
+    "--num_inference_steps",
+    "2",
+    "--val_num_samples",
+    "2",
+    "--network_channels",
+    "[8,16,16,16]",
+    "--device",
+    "cpu",
+    "--checkpoint_interval",
+    "1",
+    "--train#trainer#max_epochs",
+    "3",
 ]
 
 
@@ -770,8 +877,19 @@ def _epoch_of(checkpoint: Path) -> int:
 
 
 def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json",
-               "--datalist", str(tiny_cohort), "--output_dir", str(tmp_path), *TRAIN_FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundle/configs/train.json",
+        "--datalist",
+        str(tiny_cohort),
+        "--output_dir",
+        str(tmp_path),
+        *TRAIN_FLAGS,
+    ]
     models, log = tmp_path / "models", tmp_path / "first.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
@@ -815,8 +933,19 @@ def test_one_epoch_training_leaves_weights_and_a_checkpoint(tiny_cohort: Path, t
     flags = list(TRAIN_FLAGS)
     flags[flags.index("--checkpoint_interval") + 1] = "5"
     flags[flags.index("--train#trainer#max_epochs") + 1] = "1"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json",
-               "--datalist", str(tiny_cohort), "--output_dir", str(tmp_path), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundle/configs/train.json",
+        "--datalist",
+        str(tiny_cohort),
+        "--output_dir",
+        str(tmp_path),
+        *flags,
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     models = tmp_path / "models"

@@ -13,9 +13,24 @@ from scripts.runtime.constants import CONDITION_CHANNELS
 from tests.conftest import REPO_ROOT
 
 TINY = [
-    "--spatial_size", "[32,32,32]", "--spacing", "[6,6,6]", "--batch_size", "2", "--val_interval", "1",
-    "--num_inference_steps", "2", "--val_num_samples", "2", "--network_channels", "[8,16,16,16]", "--device", "cpu",
-    "--checkpoint_interval", "1",
+    "--spatial_size",
+    "[32,32,32]",
+    "--spacing",
+    "[6,6,6]",
+    "--batch_size",
+    "2",
+    "--val_interval",
+    "1",
+    "--num_inference_steps",
+    "2",
+    "--val_num_samples",
+    "2",
+    "--network_channels",
+    "[8,16,16,16]",
+    "--device",
+    "cpu",
+    "--checkpoint_interval",
+    "1",
 ]
 
 
@@ -28,8 +43,22 @@ def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def _train(config: str, datalist: Path, out: Path, epochs: int, launcher: list[str] | None = None) -> str:
     launcher = launcher or [sys.executable, "-m"]
-    result = _run([*launcher, "monai.bundle", "run", "--config_file", config, "--datalist", str(datalist),
-                   "--output_dir", str(out), "--train#trainer#max_epochs", str(epochs), *TINY])
+    result = _run(
+        [
+            *launcher,
+            "monai.bundle",
+            "run",
+            "--config_file",
+            config,
+            "--datalist",
+            str(datalist),
+            "--output_dir",
+            str(out),
+            "--train#trainer#max_epochs",
+            str(epochs),
+            *TINY,
+        ]
+    )
     return result.stdout + result.stderr
 
 
@@ -59,8 +88,7 @@ def test_train_writes_checkpoint_and_resumes(tiny_cohort: Path, tmp_path: Path) 
     # the earlier one), not the first validation after the resume
     best = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)["validation"]
     assert best["best_metric_epoch"] in (1, 2)
-    kept = torch.load(models / f"ema_model_epoch={best['best_metric_epoch']}.pt", map_location="cpu",
-                      weights_only=True)
+    kept = torch.load(models / f"ema_model_epoch={best['best_metric_epoch']}.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(state[k], kept[k]) for k in state)
     assert f"best value: {best['best_metric']}" in log and f"at epoch: {best['best_metric_epoch']}" in log
 
@@ -85,9 +113,25 @@ def test_torchrun_two_processes_on_cpu(tiny_cohort: Path, tmp_path: Path) -> Non
 def test_mlflow_tracking(tiny_cohort: Path, tmp_path: Path) -> None:
     import sqlite3
 
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/train.json", "--datalist",
-          str(tiny_cohort), "--output_dir", str(tmp_path), "--train#trainer#max_epochs", "1", *TINY,
-          "--tracking", "mlflow"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "bundle/configs/train.json",
+            "--datalist",
+            str(tiny_cohort),
+            "--output_dir",
+            str(tmp_path),
+            "--train#trainer#max_epochs",
+            "1",
+            *TINY,
+            "--tracking",
+            "mlflow",
+        ]
+    )
     with sqlite3.connect(tmp_path / "mlruns.db") as db:
         keys = {row[0] for row in db.execute("select distinct key from metrics")}
     assert {"train_loss", "val_count_crps", "val_count_mae", "val_activity_brier", "val_dice"} <= keys, keys

@@ -86,12 +86,19 @@ DEFAULT_CKPT = REPO_ROOT / "bundle" / "models" / "model.pt"
 
 
 QUICK_OVERRIDES: dict[str, Any] = {
-    "network_channels": [8, 16, 16, 16], "spatial_size": [16, 16, 16], "spacing": [12.0, 12.0, 12.0],
+    "network_channels": [8, 16, 16, 16],
+    "spatial_size": [16, 16, 16],
+    "spacing": [12.0, 12.0, 12.0],
 }
 
 
-TARGETS = {"speedup_vs_ddpm1000": 100.0, "network_evaluations_per_sample": 10, "forward_time_share": 0.9,
-           "matmul_fraction": 0.6, "peak_memory_bytes": 4 * 1024**3}
+TARGETS = {
+    "speedup_vs_ddpm1000": 100.0,
+    "network_evaluations_per_sample": 10,
+    "forward_time_share": 0.9,
+    "matmul_fraction": 0.6,
+    "peak_memory_bytes": 4 * 1024**3,
+}
 
 
 logger = logging.getLogger("scripts.benchmark")
@@ -164,8 +171,12 @@ def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
         size = parser.get_parsed_content("spatial_size")
         cond_channels = int(parser.get_parsed_content("network_args#cond_channels"))
         n = min(sampler.chunk_size or 6 * args.num_samples, 6 * args.num_samples)
-        sampler.sample(compiled, torch.zeros(n, cond_channels, *size, device=args.device),
-                       torch.zeros(n, dtype=torch.long), torch.full((n,), 24.0))
+        sampler.sample(
+            compiled,
+            torch.zeros(n, cond_channels, *size, device=args.device),
+            torch.zeros(n, dtype=torch.long),
+            torch.full((n,), 24.0),
+        )
         compile_seconds = time.perf_counter() - start
         network = compiled
     timer = ForwardTimer(network)
@@ -176,8 +187,7 @@ def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     with tempfile.TemporaryDirectory(prefix="benchmark_forecast_") as out:
-        runner = ForecastRunner(dataset, out, timer, timed_inferer, arms=list(ARMS), device=args.device,
-                                overwrite=True)
+        runner = ForecastRunner(dataset, out, timer, timed_inferer, arms=list(ARMS), device=args.device, overwrite=True)
         runner.network.eval()
         start, cpu_start = time.perf_counter(), time.process_time()
         forecast = runner.forecast_case(dict(case))
@@ -197,11 +207,16 @@ def run_forecast(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_rss_bytes": baseline_rss,
         "peak_host_rss_bytes": peak_rss_bytes(),
         "expected_counts": {arm: figures["expected_count"] for arm, figures in forecast["arms"].items()},
-        "sampler": {"num_inference_steps": sampler.num_inference_steps, "guidance_scale": sampler.guidance_scale,
-                    "chunk_size": sampler.chunk_size, "channels_last": sampler.channels_last,
-                    "precision": resolve_precision(sampler.precision, torch.device(args.device)),
-                    "compile": use_compile, "reuse_memory": sampler.reuse_memory,
-                    "network_evaluations_per_sample": sampler.network_evaluations_per_sample},
+        "sampler": {
+            "num_inference_steps": sampler.num_inference_steps,
+            "guidance_scale": sampler.guidance_scale,
+            "chunk_size": sampler.chunk_size,
+            "channels_last": sampler.channels_last,
+            "precision": resolve_precision(sampler.precision, torch.device(args.device)),
+            "compile": use_compile,
+            "reuse_memory": sampler.reuse_memory,
+            "network_evaluations_per_sample": sampler.network_evaluations_per_sample,
+        },
     }
     if torch.device(args.device).type == "cuda":
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_reserved(args.device))
@@ -213,12 +228,15 @@ def forecast_in_subprocess(argv: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="benchmark_child_") as tmp:
         result_path = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "scripts.benchmark", *argv, "--forecast_child", str(result_path)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                            os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if completed.returncode != 0 or not result_path.is_file():
-            raise BenchmarkError(f"the forecast process failed (exit {completed.returncode}):\n"
-                                 f"{completed.stderr[-4000:]}")
+            raise BenchmarkError(
+                f"the forecast process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
+            )
         return json.loads(result_path.read_text())
 
 
@@ -229,10 +247,15 @@ def chunk_sweep(args: argparse.Namespace, argv: Sequence[str], rows: int) -> lis
         logger.info("chunk sweep: chunk_size %d ...", chunk)
         fc = forecast_in_subprocess([*argv, "--chunk_size", str(chunk), "--num_inference_steps", "1"])
         peak = int(fc.get("peak_gpu_bytes", fc["peak_host_rss_bytes"]))
-        sweep.append({"chunk_size": chunk, "peak_memory_bytes": peak,
-                      "sampling_seconds_per_row": fc["sampling_seconds"] / rows,
-                      "forward_seconds_per_row": fc["forward_seconds"] / rows,
-                      "forecast_cpu_seconds": fc["forecast_cpu_seconds"]})
+        sweep.append(
+            {
+                "chunk_size": chunk,
+                "peak_memory_bytes": peak,
+                "sampling_seconds_per_row": fc["sampling_seconds"] / rows,
+                "forward_seconds_per_row": fc["forward_seconds"] / rows,
+                "forecast_cpu_seconds": fc["forecast_cpu_seconds"],
+            }
+        )
     return sweep
 
 
@@ -276,13 +299,15 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
     trainer.run()
     seconds = stamps[-1] - stamps[0]
     loss_fn = parser.get_parsed_content("train#loss")
-    return {"training_cases_per_second": batch_size * args.train_iterations / seconds,
-            "training_seconds_per_iteration": seconds / args.train_iterations,
-            "training_setting": f"train.json's trainer: batch {batch_size}, crop {crop}, AdamW, "
-                                f"{type(loss_fn).__name__}, learning-rate schedule, grad clip "
-                                f"{parser.get_parsed_content('grad_clip_norm')}, EMA, amp="
-                                f"{bool(parser.get_parsed_content('amp'))}; one random batch repeated, data loading "
-                                "and augmentation excluded"}
+    return {
+        "training_cases_per_second": batch_size * args.train_iterations / seconds,
+        "training_seconds_per_iteration": seconds / args.train_iterations,
+        "training_setting": f"train.json's trainer: batch {batch_size}, crop {crop}, AdamW, "
+        f"{type(loss_fn).__name__}, learning-rate schedule, grad clip "
+        f"{parser.get_parsed_content('grad_clip_norm')}, EMA, amp="
+        f"{bool(parser.get_parsed_content('amp'))}; one random batch repeated, data loading "
+        "and augmentation excluded",
+    }
 
 
 def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[str, Any]:
@@ -323,37 +348,44 @@ def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[s
         "quality_parity": None,
         "device": describe_device(device),
     }
-    result.update({
-        "matmul_fraction": result["achieved_flops_per_second"] / matmul,
-        "matmul_flops_per_cpu_second": matmul_per_cpu,
-        "flops_per_cpu_second": flops / fc["forecast_cpu_seconds"],
-        "matmul_fraction_cpu_time": flops / fc["forecast_cpu_seconds"] / matmul_per_cpu,
-        "flops_per_second_in_forward": flops / fc["forward_seconds"] if fc["forward_seconds"] > 0 else None,
-        "sampling_seconds": fc["sampling_seconds"],
-        "forward_seconds": fc["forward_seconds"],
-        "forward_time_share_of_sampling": fc["forward_seconds"] / fc["sampling_seconds"],
-        "flops_per_network_row": flops_row,
-        "rows_per_forecast": rows,
-        "forward_calls": fc["forward_calls"],
-        "ddpm_seconds_per_step": ddpm_step,
-        "forecast_cpu_seconds": fc["forecast_cpu_seconds"],
-        "ddpm1000_cpu_seconds": ddpm_cpu_step * 1000 * rows,
-        "speedup_vs_ddpm1000_cpu_time": ddpm_cpu_step * 1000 * rows / fc["forecast_cpu_seconds"],
-        "torch_threads": fc["torch_threads"],
-        "ddpm_extrapolated_from_steps": args.ddpm_steps,
-        "ddpm_path": "monai.inferers.DiffusionInferer.sample + monai.networks.schedulers.DDPMScheduler(1000, "
-                     "model's schedule and prediction type), mode='concat', one sample at a time, float32; "
-                     f"{args.ddpm_steps} steps timed one by one after 1 warm-up, the fastest extrapolated "
-                     f"x1000 steps x {rows} samples",
-        "peak_memory_kind": "GPU reserved" if "peak_gpu_bytes" in fc else "host peak RSS of the forecast process",
-        "peak_host_rss_bytes": fc["peak_host_rss_bytes"],
-        "baseline_rss_bytes": fc["baseline_rss_bytes"],
-        "compile_seconds": fc["compile_seconds"],
-        "case": fc["case"], "arms": len(ARMS), "num_samples": args.num_samples, "spatial_size": size,
-        "sampler": fc["sampler"], "weights": weights, "quick": bool(args.quick),
-        "forecast_expected_counts": fc["expected_counts"],
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    })
+    result.update(
+        {
+            "matmul_fraction": result["achieved_flops_per_second"] / matmul,
+            "matmul_flops_per_cpu_second": matmul_per_cpu,
+            "flops_per_cpu_second": flops / fc["forecast_cpu_seconds"],
+            "matmul_fraction_cpu_time": flops / fc["forecast_cpu_seconds"] / matmul_per_cpu,
+            "flops_per_second_in_forward": flops / fc["forward_seconds"] if fc["forward_seconds"] > 0 else None,
+            "sampling_seconds": fc["sampling_seconds"],
+            "forward_seconds": fc["forward_seconds"],
+            "forward_time_share_of_sampling": fc["forward_seconds"] / fc["sampling_seconds"],
+            "flops_per_network_row": flops_row,
+            "rows_per_forecast": rows,
+            "forward_calls": fc["forward_calls"],
+            "ddpm_seconds_per_step": ddpm_step,
+            "forecast_cpu_seconds": fc["forecast_cpu_seconds"],
+            "ddpm1000_cpu_seconds": ddpm_cpu_step * 1000 * rows,
+            "speedup_vs_ddpm1000_cpu_time": ddpm_cpu_step * 1000 * rows / fc["forecast_cpu_seconds"],
+            "torch_threads": fc["torch_threads"],
+            "ddpm_extrapolated_from_steps": args.ddpm_steps,
+            "ddpm_path": "monai.inferers.DiffusionInferer.sample + monai.networks.schedulers.DDPMScheduler(1000, "
+            "model's schedule and prediction type), mode='concat', one sample at a time, float32; "
+            f"{args.ddpm_steps} steps timed one by one after 1 warm-up, the fastest extrapolated "
+            f"x1000 steps x {rows} samples",
+            "peak_memory_kind": "GPU reserved" if "peak_gpu_bytes" in fc else "host peak RSS of the forecast process",
+            "peak_host_rss_bytes": fc["peak_host_rss_bytes"],
+            "baseline_rss_bytes": fc["baseline_rss_bytes"],
+            "compile_seconds": fc["compile_seconds"],
+            "case": fc["case"],
+            "arms": len(ARMS),
+            "num_samples": args.num_samples,
+            "spatial_size": size,
+            "sampler": fc["sampler"],
+            "weights": weights,
+            "quick": bool(args.quick),
+            "forecast_expected_counts": fc["expected_counts"],
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        }
+    )
     if fc["sampler"]["precision"] == "bfloat16":
         bf16_matmul = matmul_flops_per_second(args.device, args.matmul_size, args.matmul_repeats, torch.bfloat16)
         result["matmul_bf16_flops_per_second"] = bf16_matmul[0]
@@ -406,17 +438,25 @@ def format_report(result: dict[str, Any]) -> str:
         f"peak memory                   {result['peak_memory_bytes'] / gib:10.2f} GiB ({result['peak_memory_kind']})"
         + check(result["peak_memory_bytes"] < TARGETS["peak_memory_bytes"]),
     ]
-    lines.append(f"  in CPU time                 {r['flops_per_cpu_second'] / 1e9:10.1f} GFLOP per CPU s vs matmul "
-                 f"{r['matmul_flops_per_cpu_second'] / 1e9:.1f} -> {100 * r['matmul_fraction_cpu_time']:.1f} %")
+    lines.append(
+        f"  in CPU time                 {r['flops_per_cpu_second'] / 1e9:10.1f} GFLOP per CPU s vs matmul "
+        f"{r['matmul_flops_per_cpu_second'] / 1e9:.1f} -> {100 * r['matmul_fraction_cpu_time']:.1f} %"
+    )
     if "matmul_bf16_flops_per_second" in result:
-        lines.append(f"bf16 matmul                   {r['matmul_bf16_flops_per_second'] / 1e9:10.1f} GFLOP/s -> "
-                     f"{100 * r['matmul_bf16_fraction']:.1f} % of it")
+        lines.append(
+            f"bf16 matmul                   {r['matmul_bf16_flops_per_second'] / 1e9:10.1f} GFLOP/s -> "
+            f"{100 * r['matmul_bf16_fraction']:.1f} % of it"
+        )
     if "training_cases_per_second" in result:
-        lines.append(f"training throughput           {result['training_cases_per_second']:10.2f} cases/s "
-                     f"({result['training_setting']})")
+        lines.append(
+            f"training throughput           {result['training_cases_per_second']:10.2f} cases/s "
+            f"({result['training_setting']})"
+        )
     for row in result.get("chunk_sweep", []):
-        lines.append(f"chunk_size {row['chunk_size']:4d}: peak {row['peak_memory_bytes'] / gib:.2f} GiB, "
-                     f"{row['sampling_seconds_per_row']:.3f} s per row and step")
+        lines.append(
+            f"chunk_size {row['chunk_size']:4d}: peak {row['peak_memory_bytes'] / gib:.2f} GiB, "
+            f"{row['sampling_seconds_per_row']:.3f} s per row and step"
+        )
     if parity:
         for name in ("fast", "reference", "fast_float32"):
             if name not in parity:
@@ -425,14 +465,18 @@ def format_report(result: dict[str, Any]) -> str:
             auc = "n/a (one class)" if p["activity_auc"] is None else f"{p['activity_auc']:.3f}"
             line = f"parity {name:12s} count MAE {p['count_mae']:.3f}, activity AUC {auc} ({p['sampler']})"
             if name != "fast":
-                line += (f"; vs fast: |E[count] difference| {parity[f'count_mae_fast_vs_{name}']:.3f}, voxel "
-                         f"agreement {parity[f'voxel_agreement_fast_vs_{name}']:.5f}")
+                line += (
+                    f"; vs fast: |E[count] difference| {parity[f'count_mae_fast_vs_{name}']:.3f}, voxel "
+                    f"agreement {parity[f'voxel_agreement_fast_vs_{name}']:.5f}"
+                )
             lines.append(line)
         lines.append(f"parity cohort: {parity['cohort']}; weights {parity['weights']}")
         if "reduced_precision_error_first_case" in parity:
             e = parity["reduced_precision_error_first_case"]
-            lines.append(f"reduced precision vs float32 network: output relative RMS error "
-                         f"{e['output_relative_rms_error']:.2e}, x0 max abs error {e['x0_max_abs_error']:.2e}")
+            lines.append(
+                f"reduced precision vs float32 network: output relative RMS error "
+                f"{e['output_relative_rms_error']:.2e}, x0 max abs error {e['x0_max_abs_error']:.2e}"
+            )
         if "note" in parity:
             lines.append(f"parity NOTE: {parity['note']}")
     return "\n".join(lines)
@@ -461,8 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny network and grid (CI); figures are meaningless")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="inference config")
     p.add_argument("--train_config", type=Path, default=DEFAULT_TRAIN_CONFIG, help="training config")
-    p.add_argument("--ckpt", type=Path, default=None, help=f"weights (default {DEFAULT_CKPT.relative_to(REPO_ROOT)};"
-                                                          " quick mode: random initialisation)")
+    p.add_argument(
+        "--ckpt",
+        type=Path,
+        default=None,
+        help=f"weights (default {DEFAULT_CKPT.relative_to(REPO_ROOT)}; quick mode: random initialisation)",
+    )
     p.add_argument("--datalist", type=Path, default=None, help="datalist whose first testing case is forecast")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_samples", type=int, default=None, help="K per arm (default 8; quick 2)")
@@ -491,10 +539,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the size-dependent defaults (full or quick)."""
-    quick = {"num_samples": 2, "ddpm_steps": 2, "matmul_size": 512, "matmul_repeats": 3, "parity_cases": 2,
-             "parity_samples": 1, "reference_steps": 20, "train_iterations": 2}
-    full = {"num_samples": 8, "ddpm_steps": 5, "matmul_size": 2048, "matmul_repeats": 10, "parity_cases": 8,
-            "parity_samples": 4, "reference_steps": 100, "train_iterations": 5}
+    quick = {
+        "num_samples": 2,
+        "ddpm_steps": 2,
+        "matmul_size": 512,
+        "matmul_repeats": 3,
+        "parity_cases": 2,
+        "parity_samples": 1,
+        "reference_steps": 20,
+        "train_iterations": 2,
+    }
+    full = {
+        "num_samples": 8,
+        "ddpm_steps": 5,
+        "matmul_size": 2048,
+        "matmul_repeats": 10,
+        "parity_cases": 8,
+        "parity_samples": 4,
+        "reference_steps": 100,
+        "train_iterations": 5,
+    }
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -1,5 +1,4 @@
-"""Quality parity of the fast sampler against a many-step reference sampler on a synthetic cohort.
-"""
+"""Quality parity of the fast sampler against a many-step reference sampler on a synthetic cohort."""
 
 from __future__ import annotations
 
@@ -45,8 +44,14 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     scheduler = parser.get_parsed_content("noise_scheduler")
 
     def like_fast(steps: int) -> ForecastSampler:
-        return ForecastSampler(scheduler, steps, fast.guidance_scale, fast.chunk_size,
-                               channels_last=fast.channels_last, precision="float32")
+        return ForecastSampler(
+            scheduler,
+            steps,
+            fast.guidance_scale,
+            fast.chunk_size,
+            channels_last=fast.channels_last,
+            precision="float32",
+        )
 
     samplers = {"fast": fast, "reference": like_fast(args.reference_steps)}
     if resolve_precision(fast.precision, device) != "float32":
@@ -60,8 +65,15 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     precision_errors: dict[str, float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="benchmark_parity_") as tmp:
-        datalist = generate_cohort(tmp, n=args.parity_cases, seed=args.parity_seed, shape=size, spacing=spacing,
-                                   split=(0.0, 0.0, 1.0), progress=False)
+        datalist = generate_cohort(
+            tmp,
+            n=args.parity_cases,
+            seed=args.parity_seed,
+            shape=size,
+            spacing=spacing,
+            split=(0.0, 0.0, 1.0),
+            progress=False,
+        )
         for index, case in enumerate(load_datalist(datalist, "testing")):
             data = preprocessing(dict(case))
             cond = torch.as_tensor(data["cond"]).float()[None].to(device)
@@ -83,20 +95,29 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
             for name in agreement:
                 agreement[name].append(float((masks["fast"] == masks[name]).mean()))
             if index == 0 and "fast_float32" in samplers:
-                precision_errors = precision_error(network, scheduler, resolve_precision(fast.precision, device),
-                                                   cond.expand(k, *cond.shape[1:]), treatment, horizon)
+                precision_errors = precision_error(
+                    network,
+                    scheduler,
+                    resolve_precision(fast.precision, device),
+                    cond.expand(k, *cond.shape[1:]),
+                    treatment,
+                    horizon,
+                )
     obs, exp = np.asarray(observed), np.asarray(expected)
     result: dict[str, Any] = {
         "cohort": f"scripts.bench.synthetic.cohort.generate_cohort(n={args.parity_cases}, seed={args.parity_seed}, "
-                  f"shape={size}, spacing={spacing}), factual arm of each case",
-        "cases": args.parity_cases, "samples_per_case": k, "weights": weights,
-        "observed_mean_count": float(obs.mean()), "observed_share_active": float((obs >= 1).mean()),
+        f"shape={size}, spacing={spacing}), factual arm of each case",
+        "cases": args.parity_cases,
+        "samples_per_case": k,
+        "weights": weights,
+        "observed_mean_count": float(obs.mean()),
+        "observed_share_active": float((obs >= 1).mean()),
     }
     for name, sampler in samplers.items():
         c = np.asarray(counts[name])
         result[name] = {
             "sampler": f"deterministic DDIM, {sampler.num_inference_steps} steps (trailing), "
-                       f"{resolve_precision(sampler.precision, device)}",
+            f"{resolve_precision(sampler.precision, device)}",
             "network_evaluations_per_sample": sampler.network_evaluations_per_sample,
             "count_mae": float(np.abs(c - obs).mean()),
             "count_mae_vs_expected": float(np.abs(c - exp).mean()),
@@ -109,7 +130,9 @@ def quality_parity(network: nn.Module, parser: Any, args: argparse.Namespace, we
     if "fast_float32" in samplers:
         result["reduced_precision_error_first_case"] = precision_errors
     if all(result[name]["mean_expected_count"] == 0 for name in samplers):
-        result["note"] = ("these weights forecast no lesion on these cases with any sampler: parity holds trivially "
-                          "and says nothing about the fast sampler's quality; rerun with weights that forecast lesions")
+        result["note"] = (
+            "these weights forecast no lesion on these cases with any sampler: parity holds trivially "
+            "and says nothing about the fast sampler's quality; rerun with weights that forecast lesions"
+        )
     result["seconds"] = time.perf_counter() - start
     return result

@@ -39,8 +39,9 @@ class ConcatModeNetwork(nn.Module):
     are elementwise and cost nothing next to the network.
     """
 
-    def __init__(self, network: nn.Module, treatment: torch.Tensor, horizon: torch.Tensor,
-                 scheduler: ForecastScheduler) -> None:
+    def __init__(
+        self, network: nn.Module, treatment: torch.Tensor, horizon: torch.Tensor, scheduler: ForecastScheduler
+    ) -> None:
         super().__init__()
         self.network = network
         self.scheduler = scheduler
@@ -51,14 +52,14 @@ class ConcatModeNetwork(nn.Module):
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
         t = timesteps.long()
         noisy, cond = x[:, :1], x[:, 1:]
-        logits = self.network(self.scheduler.scale_model_input(noisy, t), timesteps, cond, self.treatment,
-                              self.horizon)
+        logits = self.network(self.scheduler.scale_model_input(noisy, t), timesteps, cond, self.treatment, self.horizon)
         alpha = self.scheduler.alphas_cumprod.to(x.device)[t[0]]
         return self.scheduler.predict_x0_eps(logits, noisy, alpha)[0]
 
 
 class ForwardTimer(nn.Module):
     """Wrap a network and add up the wall time spent inside its forward calls (synchronising CUDA around them)."""
+
     def __init__(self, network: Callable[..., torch.Tensor]) -> None:
         super().__init__()
         self.network = network
@@ -79,6 +80,7 @@ class ForwardTimer(nn.Module):
 
 class TimedInferer:
     """Wrap an inferer and add up the wall time of its calls (the reverse process of a forecast)."""
+
     def __init__(self, inferer: Any) -> None:
         self.inferer = inferer
         self.seconds = 0.0
@@ -118,8 +120,10 @@ def describe_device(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return (f"cpu: {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    return (
+        f"cpu: {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 def network_flops_per_row(network: nn.Module, cond: torch.Tensor) -> int:
@@ -128,14 +132,19 @@ def network_flops_per_row(network: nn.Module, cond: torch.Tensor) -> int:
     x = torch.zeros(1, 1, *cond.shape[2:], device=cond.device)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        network(x, torch.full((1,), 500, device=cond.device), cond, torch.zeros(1, dtype=torch.long,
-                                                                                 device=cond.device),
-                torch.full((1,), 24.0, device=cond.device))
+        network(
+            x,
+            torch.full((1,), 500, device=cond.device),
+            cond,
+            torch.zeros(1, dtype=torch.long, device=cond.device),
+            torch.full((1,), 24.0, device=cond.device),
+        )
     return int(counter.get_total_flops())
 
 
-def matmul_flops_per_second(device: str, size: int, repeats: int = 5,
-                            dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+def matmul_flops_per_second(
+    device: str, size: int, repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
     """Best FLOP/s of a (size x size) @ (size x size) product over ``repeats`` timed runs after one warm-up, per
     second of wall time and per second of process CPU time (all threads; the figure other jobs disturb least)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -164,22 +173,26 @@ def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: 
 
     spec = parser.get("noise_scheduler")
     schedule_args = {k: spec[k] for k in ("shift",) if k in spec}
-    scheduler = DDPMScheduler(num_train_timesteps=int(spec.get("num_train_timesteps", 1000)),
-                              schedule=spec.get("schedule", "linear_beta"),
-                              prediction_type="sample",  # the adapter turns the logits into x0
-                              clip_sample=True, **schedule_args)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=int(spec.get("num_train_timesteps", 1000)),
+        schedule=spec.get("schedule", "linear_beta"),
+        prediction_type="sample",  # the adapter turns the logits into x0
+        clip_sample=True,
+        **schedule_args,
+    )
     scheduler.set_timesteps(scheduler.num_train_timesteps)  # on the CPU, as DiffusionInferer.sample expects
     all_timesteps = scheduler.timesteps
     device = cond.device
-    wrapper = ConcatModeNetwork(network, torch.zeros(1, dtype=torch.long), torch.full((1,), 24.0),
-                                parser.get_parsed_content("noise_scheduler")).to(device)
+    wrapper = ConcatModeNetwork(
+        network, torch.zeros(1, dtype=torch.long), torch.full((1,), 24.0), parser.get_parsed_content("noise_scheduler")
+    ).to(device)
     inferer = DiffusionInferer(scheduler)
     noise = torch.randn((1, 1, *cond.shape[2:]), generator=torch.Generator().manual_seed(0)).to(device)
     scheduler.timesteps = all_timesteps[:1]
     image = inferer.sample(noise, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
     walls, cpus = [], []
     for i in range(1, 1 + steps):  # one step per call: the fastest is the figure least disturbed by other jobs
-        scheduler.timesteps = all_timesteps[i:i + 1]
+        scheduler.timesteps = all_timesteps[i : i + 1]
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         image = inferer.sample(image, wrapper, scheduler, conditioning=cond[:1], mode="concat", verbose=False)
@@ -189,8 +202,15 @@ def time_ddpm_steps(network: nn.Module, parser: Any, cond: torch.Tensor, steps: 
     return min(walls), min(cpus)
 
 
-def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: torch.Tensor, treatment: torch.Tensor,
-                    horizon: torch.Tensor, timesteps: Sequence[int] = (999, 750, 500, 250, 50)) -> dict[str, float]:
+def precision_error(
+    network: nn.Module,
+    scheduler: Any,
+    precision: str,
+    cond: torch.Tensor,
+    treatment: torch.Tensor,
+    horizon: torch.Tensor,
+    timesteps: Sequence[int] = (999, 750, 500, 250, 50),
+) -> dict[str, float]:
     """Largest error of the network's output (relative RMS) and of its x0 prediction (max abs) under ``precision``
     autocast against float32, over a background-only x_t (x0 = -1) at several timesteps."""
     rel_rms, x0_err = 0.0, 0.0
@@ -205,8 +225,10 @@ def precision_error(network: nn.Module, scheduler: Any, precision: str, cond: to
             reference = network(x_in, t, cond, treatment, horizon).float()
             with torch.autocast(device_type=cond.device.type, dtype=PRECISIONS[precision]):
                 reduced = network(x_in, t, cond, treatment, horizon).float()
-            rel_rms = max(rel_rms, float((reduced - reference).pow(2).mean().sqrt()
-                                         / reference.pow(2).mean().sqrt().clamp_min(1e-12)))
+            rel_rms = max(
+                rel_rms,
+                float((reduced - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)),
+            )
             alpha = scheduler.alphas_cumprod.to(cond.device)[step]
             x0_ref = scheduler.predict_x0_eps(reference, x_t, alpha)[0]
             x0_red = scheduler.predict_x0_eps(reduced, x_t, alpha)[0]

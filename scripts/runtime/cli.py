@@ -88,8 +88,13 @@ def _unknown(names: Sequence[str], choices: Sequence[str], where: str) -> str:
 
 def _is_bundle_run(argv: Sequence[str]) -> bool:
     script = Path(argv[0]) if argv else Path()
-    return script.name == "__main__.py" and script.parent.name == "bundle" and script.parent.parent.name == "monai" \
-        and len(argv) > 1 and argv[1] == "run"
+    return (
+        script.name == "__main__.py"
+        and script.parent.name == "bundle"
+        and script.parent.parent.name == "monai"
+        and len(argv) > 1
+        and argv[1] == "run"
+    )
 
 
 def _run_parameters() -> set[str]:
@@ -165,10 +170,18 @@ def bundle_help(config: dict[str, Any], files: Sequence[str]) -> str:
     lines = [f"python -m monai.bundle run --config_file {shown} [--OPTION VALUE ...]", ""]
     if isinstance(config.get("help"), str):
         lines += [config["help"], ""]
-    options = {k: v for k, v in config.items() if k not in JOB_SECTIONS and not k.startswith("_")
-               and not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))}
-    lines.append("Options (default in the config; an expression starting with $ is computed; any nested id can be set "
-                 "too, e.g. --inferer#precision float32):")
+    options = {
+        k: v
+        for k, v in config.items()
+        if k not in JOB_SECTIONS
+        and not k.startswith("_")
+        and not isinstance(v, dict)
+        and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))
+    }
+    lines.append(
+        "Options (default in the config; an expression starting with $ is computed; any nested id can be set "
+        "too, e.g. --inferer#precision float32):"
+    )
     width = max((len(k) for k in options), default=0) + 4
     lines += [f"  --{key.ljust(width)}{_shown(value)}" for key, value in options.items()]
     lines += ["", f"Treatment arms (--treatments, a list or names separated by commas): {', '.join(ARMS)}"]

@@ -61,6 +61,7 @@ def arm_index(name: str | None) -> int:
     except ValueError:
         raise ValueError(f"unknown treatment {name!r}; valid arms are: {', '.join(ARMS)}") from None
 
+
 LOADED_KEYS: tuple[str, ...] = IMAGE_KEYS + (LABEL_KEY,)
 """Keys holding a NIfTI path in a datalist entry."""
 BINARY_KEYS: tuple[str, ...] = MASK_KEYS + (LABEL_KEY,)
@@ -70,13 +71,20 @@ VISIT0_KEYS: tuple[str, ...] = tuple(k for k in IMAGE_KEYS if k.endswith("_0"))
 # channel of each image key's volume and of its availability indicator in ``cond``
 VOLUME_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(k) for k in IMAGE_KEYS}
 AVAILABLE_CHANNEL: dict[str, int] = {k: CONDITION_CHANNELS.index(f"available_{k}") for k in IMAGE_KEYS}
-LOAD_CHANNEL: dict[str, list[int]] = {k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES]
-                                      for k in MASK_KEYS}
+LOAD_CHANNEL: dict[str, list[int]] = {
+    k: [CONDITION_CHANNELS.index(f"{f}_{k}") for f in LOAD_FEATURES] for k in MASK_KEYS
+}
 
 # --- limits on inputs (each can be raised where it is named: the bundle's config or the function's argument) ---
 RESERVED_OUTPUT_NAMES: tuple[str, ...] = (
-    "summary.csv", "metrics.json", "report.md", "evaluation_cases",
-    "reliability.png", "count_scatter.png", "roc.png", "effects.png",
+    "summary.csv",
+    "metrics.json",
+    "report.md",
+    "evaluation_cases",
+    "reliability.png",
+    "count_scatter.png",
+    "roc.png",
+    "effects.png",
 )
 """Names the forecast and evaluation commands write at the top of their output folder: no case id may take one."""
 MAX_ID_LENGTH: int = 128

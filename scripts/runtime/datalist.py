@@ -1,5 +1,4 @@
-"""The datalist: reading a split, validating every case and naming its reference grid.
-"""
+"""The datalist: reading a split, validating every case and naming its reference grid."""
 
 from __future__ import annotations
 
@@ -56,8 +55,10 @@ def id_problem(case_id: str) -> str | None:
     size = len(case_id.encode("utf-8"))
     if size > MAX_ID_LENGTH:
         chars = f"{len(case_id)} characters, " if size != len(case_id) else ""
-        return (f"is {chars}{size} bytes long in UTF-8; at most {MAX_ID_LENGTH} are allowed (it names a folder, and "
-                "file systems allow 255 bytes for a name with the runs' temporary suffixes)")
+        return (
+            f"is {chars}{size} bytes long in UTF-8; at most {MAX_ID_LENGTH} are allowed (it names a folder, and "
+            "file systems allow 255 bytes for a name with the runs' temporary suffixes)"
+        )
     if case_id in (".", "..") or "/" in case_id or "\\" in case_id:
         return "must be usable as a folder name (no '/', '\\', '.' or '..')"
     if case_id.startswith("."):
@@ -90,8 +91,15 @@ def file_problem(path: Path) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
     if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
         return f"is {kind}, not a regular file"
     return None
 
@@ -165,8 +173,9 @@ def validate_case(
         low, high = (float(v) for v in horizon_range)
         # the network has never seen other horizons: its forecast there is an extrapolation nobody validated
         if not low <= float(horizon) <= high:
-            raise CaseError(case_id, "horizon_weeks",
-                            f"{horizon:g} weeks is outside the trained range [{low:g}, {high:g}] weeks")
+            raise CaseError(
+                case_id, "horizon_weeks", f"{horizon:g} weeks is outside the trained range [{low:g}, {high:g}] weeks"
+            )
     out["horizon_weeks"] = float(horizon)
     return out
 
@@ -178,8 +187,11 @@ def _read_datalist(path: Path, split: str, max_bytes: int = MAX_DATALIST_BYTES) 
         raise DatalistError(path, problem)
     size = path.stat().st_size
     if size > max_bytes:
-        raise DatalistError(path, f"{size / 2**20:.1f} MiB is larger than the {max_bytes / 2**20:g} MiB a datalist may "
-                                  "be (split it into several datalists)")
+        raise DatalistError(
+            path,
+            f"{size / 2**20:.1f} MiB is larger than the {max_bytes / 2**20:g} MiB a datalist may "
+            "be (split it into several datalists)",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -231,8 +243,13 @@ def load_datalist(
     return _validate_entries(entries, path.parent, errors, horizon_range, required)
 
 
-def _validate_entries(entries: Sequence[Any], base_dir: Path, errors: list[CaseError] | None,
-                      horizon_range: Sequence[float] | None, required: Sequence[str]) -> list[dict[str, Any]]:
+def _validate_entries(
+    entries: Sequence[Any],
+    base_dir: Path,
+    errors: list[CaseError] | None,
+    horizon_range: Sequence[float] | None,
+    required: Sequence[str],
+) -> list[dict[str, Any]]:
     """Validated entries with unique ids; invalid ones go to ``errors`` (raised when it is None)."""
     cases: list[dict[str, Any]] = []
     seen: dict[str, tuple[int, str]] = {}
@@ -243,8 +260,12 @@ def _validate_entries(entries: Sequence[Any], base_dir: Path, errors: list[CaseE
             if earlier is not None and earlier[1] == case["id"]:
                 raise CaseError(case["id"], "id", f"duplicate id (entries #{earlier[0]} and #{index})")
             if earlier is not None:
-                raise CaseError(case["id"], "id", f"names the same folder as entry #{earlier[0]} ({earlier[1]!r}): ids "
-                                                  "may not differ only in letter case or Unicode normalisation")
+                raise CaseError(
+                    case["id"],
+                    "id",
+                    f"names the same folder as entry #{earlier[0]} ({earlier[1]!r}): ids "
+                    "may not differ only in letter case or Unicode normalisation",
+                )
         except CaseError as err:
             if errors is None:
                 raise
@@ -270,8 +291,14 @@ class CaseDataset(Dataset):
             ``dataset#data``); relative paths are resolved against the datalist's folder.
     """
 
-    def __init__(self, datalist: str | os.PathLike[str], split: str = "testing", transform: Callable | None = None,
-                 horizon_range: Sequence[float] | None = None, data: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        datalist: str | os.PathLike[str],
+        split: str = "testing",
+        transform: Callable | None = None,
+        horizon_range: Sequence[float] | None = None,
+        data: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         if horizon_range is not None:
             low, high = (float(v) for v in horizon_range)
             if not 0 < low <= high:
@@ -282,6 +309,7 @@ class CaseDataset(Dataset):
         if data is None:
             cases = load_datalist(datalist, split, errors=self.errors, horizon_range=horizon_range)
         else:
-            cases = _validate_entries(list(data), self.datalist.parent, self.errors, horizon_range,
-                                      REQUIRED_KEYS.get(split, ()))
+            cases = _validate_entries(
+                list(data), self.datalist.parent, self.errors, horizon_range, REQUIRED_KEYS.get(split, ())
+            )
         super().__init__(cases, transform)

@@ -89,7 +89,9 @@ def _brain_z_range(mri: np.ndarray | None, n_z: int) -> tuple[int, int]:
 
 
 def pick_slices(
-    probs: Mapping[str, np.ndarray] | Sequence[np.ndarray], n: int = 4, mri: np.ndarray | None = None,
+    probs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    n: int = 4,
+    mri: np.ndarray | None = None,
     min_gap: int | None = None,
 ) -> list[int]:
     """Axial slice indices (last axis, ascending) where the forecasts have the most probability mass over all arms.
@@ -118,7 +120,7 @@ def pick_slices(
         for k in sorted(candidates.tolist(), key=lambda q: -profile[q]):
             if len(chosen) < n and free[k] and profile[k] >= floor:
                 chosen.append(int(k))
-                free[max(0, k - gap + 1):k + gap] = False
+                free[max(0, k - gap + 1) : k + gap] = False
     if len(chosen) < n:
         # Evenly spaced anchors over the brain centre; those nearest to a chosen slice are taken already.
         lo, hi = _brain_z_range(mri, n_z)
@@ -131,7 +133,7 @@ def pick_slices(
                 break
             k = int(pool[np.argmin(np.abs(pool - anchor))])
             chosen.append(k)
-            free[max(0, k - gap + 1):k + gap] = False
+            free[max(0, k - gap + 1) : k + gap] = False
     return sorted(chosen)
 
 
@@ -165,8 +167,12 @@ def _summary(arm: Mapping[str, Any] | None) -> tuple[float, float, np.ndarray, f
     arm = arm or {}
     samples = np.asarray(arm.get("count_samples", []), dtype=np.float64).ravel()
     volume = arm.get("expected_volume_mm3")
-    return (float(arm.get("expected_count", np.nan)), float(arm.get("p_active", np.nan)), samples[np.isfinite(samples)],
-            None if volume is None else float(volume))
+    return (
+        float(arm.get("expected_count", np.nan)),
+        float(arm.get("p_active", np.nan)),
+        samples[np.isfinite(samples)],
+        None if volume is None else float(volume),
+    )
 
 
 def _save_atomic(fig: plt.Figure, out: Path, dpi: int) -> None:
@@ -278,8 +284,15 @@ def forecast_figure(
             count, _, _, volume = _summary(arms.get(name))
             for col, k in enumerate(slices):
                 ax = place(grid_x + col * (panel_w + gap), grid_top + row * (panel_h + gap), panel_w, panel_h)
-                ax.imshow(_axial(mri, k, box), cmap="gray", vmin=mri_range[0], vmax=mri_range[1], origin="lower",
-                          aspect=vy / vx, interpolation="bilinear")
+                ax.imshow(
+                    _axial(mri, k, box),
+                    cmap="gray",
+                    vmin=mri_range[0],
+                    vmax=mri_range[1],
+                    origin="lower",
+                    aspect=vy / vx,
+                    interpolation="bilinear",
+                )
                 p = _axial(maps[name], k, box)
                 rgba = PROB_CMAP(norm(p))
                 rgba[..., 3] = np.where(p >= threshold, 0.6 + 0.35 * np.clip(p / top, 0, 1), 0.0)
@@ -292,30 +305,61 @@ def forecast_figure(
                     ax.set_title(column_title(k), fontsize=9)
                 if row == 0 or n_rows == 1:
                     for x, text in ((0.03, "R"), (0.97, "L")):
-                        ax.text(x, 0.5, text, transform=ax.transAxes, color="white", fontsize=9, fontweight="bold",
-                                ha="left" if x < 0.5 else "right", va="center")
+                        ax.text(
+                            x,
+                            0.5,
+                            text,
+                            transform=ax.transAxes,
+                            color="white",
+                            fontsize=9,
+                            fontweight="bold",
+                            ha="left" if x < 0.5 else "right",
+                            va="center",
+                        )
                 if col == 0:
                     lines = [arm_label(name)]
                     if np.isfinite(count):
                         lines.append(f"expected NET2: {count:.1f}")
                     if volume is not None:
                         lines.append(f"expected volume: {volume:.0f} mm\u00b3")
-                    ax.text(-0.06, 0.5, lines[0], transform=ax.transAxes, ha="right", va="bottom", fontsize=10,
-                            fontweight="bold")
-                    ax.text(-0.06, 0.48, "\n".join(lines[1:]), transform=ax.transAxes, ha="right", va="top",
-                            fontsize=9)
-        cax = place(grid_x + grid_w + cbar_pad, grid_top + 0.1 * grid_h if n_rows > 2 else grid_top, cbar_w,
-                    0.8 * grid_h if n_rows > 2 else grid_h)
+                    ax.text(
+                        -0.06,
+                        0.5,
+                        lines[0],
+                        transform=ax.transAxes,
+                        ha="right",
+                        va="bottom",
+                        fontsize=10,
+                        fontweight="bold",
+                    )
+                    ax.text(-0.06, 0.48, "\n".join(lines[1:]), transform=ax.transAxes, ha="right", va="top", fontsize=9)
+        cax = place(
+            grid_x + grid_w + cbar_pad,
+            grid_top + 0.1 * grid_h if n_rows > 2 else grid_top,
+            cbar_w,
+            0.8 * grid_h if n_rows > 2 else grid_h,
+        )
         bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=PROB_CMAP), cax=cax)
         bar.set_label(PROB_LABEL, fontsize=9)
         bar.ax.tick_params(labelsize=8)
         bar.ax.axhline(threshold, color="black", linewidth=0.8)
 
-        fig.suptitle(title or "Forecast of new/enlarging T2 (NET2) lesions by treatment arm", fontsize=13,
-                     y=1.0 - 0.22 / fig_h, va="top")
-        fig.text(0.5, 1.0 - 0.55 / fig_h, f"{mri_name} axial slices, radiological convention (patient's R on image "
-                 f"left), anterior up; colour: voxel probability, transparent below {threshold:g}",
-                 ha="center", va="top", fontsize=9, color="0.25")
+        fig.suptitle(
+            title or "Forecast of new/enlarging T2 (NET2) lesions by treatment arm",
+            fontsize=13,
+            y=1.0 - 0.22 / fig_h,
+            va="top",
+        )
+        fig.text(
+            0.5,
+            1.0 - 0.55 / fig_h,
+            f"{mri_name} axial slices, radiological convention (patient's R on image "
+            f"left), anterior up; colour: voxel probability, transparent below {threshold:g}",
+            ha="center",
+            va="top",
+            fontsize=9,
+            color="0.25",
+        )
 
         # Bottom: expected count with its 90% interval and the samples, and P(active).
         chart_top = grid_top + grid_h + chart_gap
@@ -333,25 +377,48 @@ def forecast_figure(
                 ax_count.barh(i, count, height=0.6, color=colour, alpha=0.45)
             if samples.size:
                 n_samples = max(n_samples, samples.size)
-                ax_count.scatter(samples, i + rng.uniform(-0.2, 0.2, samples.size), s=7, color="0.1", linewidths=0,
-                                 alpha=float(np.clip(60.0 / samples.size, 0.15, 0.7)), zorder=3)
+                ax_count.scatter(
+                    samples,
+                    i + rng.uniform(-0.2, 0.2, samples.size),
+                    s=7,
+                    color="0.1",
+                    linewidths=0,
+                    alpha=float(np.clip(60.0 / samples.size, 0.15, 0.7)),
+                    zorder=3,
+                )
                 lo, hi = np.percentile(samples, [5, 95])
                 ax_count.plot([lo, hi], [i, i], color="black", linewidth=1.6, zorder=4)
-                ax_count.plot([lo, lo, np.nan, hi, hi], [i - 0.2, i + 0.2, np.nan, i - 0.2, i + 0.2], color="black",
-                              linewidth=1.6, zorder=4)
+                ax_count.plot(
+                    [lo, lo, np.nan, hi, hi],
+                    [i - 0.2, i + 0.2, np.nan, i - 0.2, i + 0.2],
+                    color="black",
+                    linewidth=1.6,
+                    zorder=4,
+                )
             if np.isfinite(p_active):
                 pct = 100.0 * float(np.clip(p_active, 0, 1))
                 ax_active.barh(i, pct, height=0.6, color=colour, alpha=0.7)
                 inside = pct > 80
-                ax_active.text(pct - 2 if inside else pct + 2, i, f"{pct:.0f}%", va="center", fontsize=8,
-                               ha="right" if inside else "left", color="white" if inside else "black")
+                ax_active.text(
+                    pct - 2 if inside else pct + 2,
+                    i,
+                    f"{pct:.0f}%",
+                    va="center",
+                    fontsize=8,
+                    ha="right" if inside else "left",
+                    color="white" if inside else "black",
+                )
         ax_count.set_yticks(y, [arm_label(name) for name in order], fontsize=9)
         ax_count.set_ylim(n_rows - 0.5, -0.5)
         x_max = max(ax_count.get_xlim()[1], 1.0)
         ax_count.set_xlim(-0.02 * x_max, x_max)
         ax_count.set_xlabel("NET2 lesions at forecast visit", fontsize=9)
-        ax_count.set_title("bar: expected count, whiskers: 5th-95th percentile" +
-                           (f", dots: {n_samples} sampled forecasts" if n_samples else ""), fontsize=9, loc="left")
+        ax_count.set_title(
+            "bar: expected count, whiskers: 5th-95th percentile"
+            + (f", dots: {n_samples} sampled forecasts" if n_samples else ""),
+            fontsize=9,
+            loc="left",
+        )
         ax_count.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax_active.set_yticks(y, [""] * n_rows)
         ax_active.set_ylim(n_rows - 0.5, -0.5)

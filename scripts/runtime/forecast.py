@@ -63,8 +63,18 @@ from scripts.runtime.regions import REGIONS, brain_restriction, region_map
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = (
-    "id", "arm", "horizon_weeks", "num_samples", "expected_count", "count_p05", "count_p95", "p_active",
-    "expected_volume_mm3", "mask_lesions", "count_ratio_vs_placebo", "count_difference_vs_placebo",
+    "id",
+    "arm",
+    "horizon_weeks",
+    "num_samples",
+    "expected_count",
+    "count_p05",
+    "count_p95",
+    "p_active",
+    "expected_volume_mm3",
+    "mask_lesions",
+    "count_ratio_vs_placebo",
+    "count_difference_vs_placebo",
     "p_active_difference_vs_placebo",
 )
 
@@ -178,8 +188,14 @@ class ForecastRunner:
         self._started = time.time()
         self._prepare_output_dir()
         self.network.eval()
-        logger.info("forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s", len(cases),
-                    self.dataset.datalist, len(self.arms), self.inferer.num_samples, self.output_dir)
+        logger.info(
+            "forecasting %d case(s) of %s under %d arm(s) with %d samples each into %s",
+            len(cases),
+            self.dataset.datalist,
+            len(self.arms),
+            self.inferer.num_samples,
+            self.output_dir,
+        )
         try:
             for index, case in enumerate(tqdm(cases, desc="cases", unit="case")):
                 case_id = str(case["id"])
@@ -190,24 +206,35 @@ class ForecastRunner:
                     logger.error("%s", case_error)
                     errors.append(case_error)
                     if _out_of_space(err):  # every later case would fail the same way, after its computation
-                        left = [str(c["id"]) for c in cases[index + 1:] if str(c["id"]) not in skip_ids
-                                and not (self.output_dir / str(c["id"]) / "forecast.json").is_file()]
+                        left = [
+                            str(c["id"])
+                            for c in cases[index + 1 :]
+                            if str(c["id"]) not in skip_ids
+                            and not (self.output_dir / str(c["id"]) / "forecast.json").is_file()
+                        ]
                         errors.extend(CaseError(i, "case", "not forecast: the output disk is full") for i in left)
                         break
         except KeyboardInterrupt:
             rows = self._write_summary(errors)
-            raise ForecastInterrupted(f"stopped by the user; {len({r['id'] for r in rows})} case(s) finished are "
-                                      f"listed in {self.output_dir / 'summary.csv'}, a rerun forecasts the others"
-                                      ) from None
+            raise ForecastInterrupted(
+                f"stopped by the user; {len({r['id'] for r in rows})} case(s) finished are "
+                f"listed in {self.output_dir / 'summary.csv'}, a rerun forecasts the others"
+            ) from None
         for case_id, holder in self._claimed_elsewhere.items():
             if (self.output_dir / case_id / "forecast.json").is_file():
                 continue
             if claim_is_live(holder):  # a run of this machine is still at it: its own summary will list it
                 logger.info("case %s: still being forecast by another run (%s)", case_id, holder)
             else:  # another machine's claim cannot be checked: say so rather than leave the case out unseen
-                errors.append(CaseError(case_id, "case", f"not forecast: claimed by another run ({holder}); rerun "
-                                        f"once it has finished, or delete {claim_path(self.output_dir, case_id)} "
-                                        "if that run is dead"))
+                errors.append(
+                    CaseError(
+                        case_id,
+                        "case",
+                        f"not forecast: claimed by another run ({holder}); rerun "
+                        f"once it has finished, or delete {claim_path(self.output_dir, case_id)} "
+                        "if that run is dead",
+                    )
+                )
         rows = self._write_summary(errors)
         if errors:
             message = f"{len(errors)} case(s) failed:\n" + "\n".join(str(e) for e in errors)
@@ -284,8 +311,11 @@ class ForecastRunner:
         try:
             write_summary(rows, self.output_dir / "summary.csv")
         except OSError as err:
-            errors.append(CaseError("summary", "summary.csv", f"cannot write {self.output_dir / 'summary.csv'}: "
-                                                              f"{err.strerror or err}"))
+            errors.append(
+                CaseError(
+                    "summary", "summary.csv", f"cannot write {self.output_dir / 'summary.csv'}: {err.strerror or err}"
+                )
+            )
         return rows
 
     @torch.no_grad()
@@ -300,10 +330,17 @@ class ForecastRunner:
         reference_affine = np.asarray(data["reference_affine"], dtype=np.float64)
         reference_shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]
 
-        samples = self.inferer(
-            cond[None].to(self.device), self.network, horizon=torch.tensor([horizon], device=self.device),
-            arms=self.arms,
-        )[0].cpu().numpy() > 0.5  # (A, K, *S)
+        samples = (
+            self.inferer(
+                cond[None].to(self.device),
+                self.network,
+                horizon=torch.tensor([horizon], device=self.device),
+                arms=self.arms,
+            )[0]
+            .cpu()
+            .numpy()
+            > 0.5
+        )  # (A, K, *S)
 
         regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
@@ -311,13 +348,15 @@ class ForecastRunner:
         if self.brain_margin is not None:
             allowed = brain_restriction(regions, self.brain_margin)
             if allowed is None:
-                logger.warning("case %s: no brain found in its images; forecasts are not restricted to the brain",
-                               case_id)
+                logger.warning(
+                    "case %s: no brain found in its images; forecasts are not restricted to the brain", case_id
+                )
             else:
                 removed = int((samples & ~allowed).sum())
                 samples &= allowed
-                restriction.update(applied=True, removed_voxels_per_sample=removed / max(samples.shape[0] *
-                                                                                        samples.shape[1], 1))
+                restriction.update(
+                    applied=True, removed_voxels_per_sample=removed / max(samples.shape[0] * samples.shape[1], 1)
+                )
         to_working = np.linalg.inv(working_affine)
 
         staging = staging_folder(self.output_dir, case_id)
@@ -329,8 +368,11 @@ class ForecastRunner:
                 figures = summarize_arm(samples[a], working_affine)
                 prob_working = figures.pop("prob_working")
                 probs_working[arm] = prob_working
-                prob = np.clip(to_reference_grid(prob_working, working_affine, reference_affine, reference_shape,
-                                                 mode="bilinear"), 0.0, 1.0).astype(np.float32)
+                prob = np.clip(
+                    to_reference_grid(prob_working, working_affine, reference_affine, reference_shape, mode="bilinear"),
+                    0.0,
+                    1.0,
+                ).astype(np.float32)
                 if listeners:  # kept only for the listeners: reference grids can be large
                     probs_reference[arm] = prob
                 mask = (prob >= 0.5).astype(np.uint8)
@@ -343,8 +385,12 @@ class ForecastRunner:
                     lesion["region"] = REGIONS[code - 1] if code > 0 else "deep_white_matter"
                 save_nifti(prob, reference_affine, staging / f"{arm}_prob.nii.gz", np.float32)
                 save_nifti(mask, reference_affine, staging / f"{arm}_mask.nii.gz", np.uint8)
-                arms_out[arm] = {**figures, "lesions": lesions, "prob": f"{arm}_prob.nii.gz",
-                                 "mask": f"{arm}_mask.nii.gz"}
+                arms_out[arm] = {
+                    **figures,
+                    "lesions": lesions,
+                    "prob": f"{arm}_prob.nii.gz",
+                    "mask": f"{arm}_mask.nii.gz",
+                }
             forecast: dict[str, Any] = {
                 "id": case_id,
                 "num_samples": int(samples.shape[1]),
@@ -358,10 +404,16 @@ class ForecastRunner:
                 forecast["effects_vs_placebo"] = effects
             if self.figure:
                 mri_key, mri = display_channel(cond.numpy())
-                forecast_figure(mri, probs_working, arms_out, staging / "forecast.png",
-                                title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
-                                mri_name=mri_key, voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
-                                affine=working_affine)
+                forecast_figure(
+                    mri,
+                    probs_working,
+                    arms_out,
+                    staging / "forecast.png",
+                    title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
+                    mri_name=mri_key,
+                    voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
+                    affine=working_affine,
+                )
             if listeners:
                 result = CaseForecast(case, data, samples, forecast, probs_reference, regions, allowed)
                 for listener in listeners:
@@ -372,10 +424,13 @@ class ForecastRunner:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         logger.info(
-            "case %s: %s (%.1f s) -> %s", case_id,
-            ", ".join(f"{arm} E[count]={f['expected_count']:.2f} P(active)={f['p_active']:.2f}"
-                      for arm, f in arms_out.items()),
-            time.perf_counter() - start, self.output_dir / case_id,
+            "case %s: %s (%.1f s) -> %s",
+            case_id,
+            ", ".join(
+                f"{arm} E[count]={f['expected_count']:.2f} P(active)={f['p_active']:.2f}" for arm, f in arms_out.items()
+            ),
+            time.perf_counter() - start,
+            self.output_dir / case_id,
         )
         return forecast
 
@@ -390,16 +445,23 @@ def summary_rows(forecast: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for arm, figures in forecast["arms"].items():
         effect = effects.get(arm, {})
-        rows.append({
-            "id": forecast["id"], "arm": arm, "horizon_weeks": forecast["horizon_weeks"],
-            "num_samples": forecast["num_samples"], "expected_count": figures["expected_count"],
-            "count_p05": figures["count_interval_90"][0], "count_p95": figures["count_interval_90"][1],
-            "p_active": figures["p_active"], "expected_volume_mm3": figures["expected_volume_mm3"],
-            "mask_lesions": len(figures["lesions"]),
-            "count_ratio_vs_placebo": effect.get("count_ratio"),
-            "count_difference_vs_placebo": effect.get("count_difference"),
-            "p_active_difference_vs_placebo": effect.get("p_active_difference"),
-        })
+        rows.append(
+            {
+                "id": forecast["id"],
+                "arm": arm,
+                "horizon_weeks": forecast["horizon_weeks"],
+                "num_samples": forecast["num_samples"],
+                "expected_count": figures["expected_count"],
+                "count_p05": figures["count_interval_90"][0],
+                "count_p95": figures["count_interval_90"][1],
+                "p_active": figures["p_active"],
+                "expected_volume_mm3": figures["expected_volume_mm3"],
+                "mask_lesions": len(figures["lesions"]),
+                "count_ratio_vs_placebo": effect.get("count_ratio"),
+                "count_difference_vs_placebo": effect.get("count_difference"),
+                "p_active_difference_vs_placebo": effect.get("p_active_difference"),
+            }
+        )
     return rows
 
 

@@ -31,8 +31,9 @@ def _grid_corners(shape: Sequence[int]) -> np.ndarray:
     return np.array(list(itertools.product(*[(-0.5, int(n) - 0.5) for n in list(shape)[:3]])), dtype=np.float64)
 
 
-def _overlaps_in_grid_of(affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray,
-                         shape_b: Sequence[int], tolerance: float) -> bool:
+def _overlaps_in_grid_of(
+    affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray, shape_b: Sequence[int], tolerance: float
+) -> bool:
     """Whether b's field of view, boxed in a's voxel axes, overlaps a's by more than ``tolerance`` voxels per axis."""
     b_in_a = np.linalg.inv(np.asarray(affine_a, dtype=np.float64)) @ np.asarray(affine_b, dtype=np.float64)
     corners = _grid_corners(shape_b) @ b_in_a[:3, :3].T + b_in_a[:3, 3]
@@ -41,9 +42,13 @@ def _overlaps_in_grid_of(affine_a: np.ndarray, shape_a: Sequence[int], affine_b:
     return bool(np.all(high - low > tolerance))
 
 
-def fields_of_view_overlap(affine_a: np.ndarray | torch.Tensor, shape_a: Sequence[int],
-                           affine_b: np.ndarray | torch.Tensor, shape_b: Sequence[int],
-                           tolerance: float = 1e-3) -> bool:
+def fields_of_view_overlap(
+    affine_a: np.ndarray | torch.Tensor,
+    shape_a: Sequence[int],
+    affine_b: np.ndarray | torch.Tensor,
+    shape_b: Sequence[int],
+    tolerance: float = 1e-3,
+) -> bool:
     """Whether two grids' fields of view (parallelepipeds in world space) overlap.
 
     Each box is tested in the other's voxel axes (the separating-axis test on both boxes' face normals): exact for
@@ -51,8 +56,9 @@ def fields_of_view_overlap(affine_a: np.ndarray | torch.Tensor, shape_a: Sequenc
     reverse, so a co-registered case is never refused.
     """
     a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
-    return (_overlaps_in_grid_of(a, shape_a, b, shape_b, tolerance)
-            and _overlaps_in_grid_of(b, shape_b, a, shape_a, tolerance))
+    return _overlaps_in_grid_of(a, shape_a, b, shape_b, tolerance) and _overlaps_in_grid_of(
+        b, shape_b, a, shape_a, tolerance
+    )
 
 
 def describe_box(box: np.ndarray) -> str:
@@ -113,8 +119,9 @@ def to_reference_grid(
     return out[0] if squeeze else out
 
 
-def on_grid(volume: np.ndarray, own_affine: np.ndarray, affine: np.ndarray, shape: Sequence[int],
-            mode: str = "bilinear") -> np.ndarray:
+def on_grid(
+    volume: np.ndarray, own_affine: np.ndarray, affine: np.ndarray, shape: Sequence[int], mode: str = "bilinear"
+) -> np.ndarray:
     """``volume`` (lying on ``own_affine``) on the grid (``affine``, ``shape``): the volume itself when it already
     lies there, else resampled with :func:`to_reference_grid` (``nearest`` for labels, ``bilinear`` for maps)."""
     if tuple(np.shape(volume)) == tuple(int(s) for s in shape) and np.allclose(own_affine, affine, atol=1e-3):

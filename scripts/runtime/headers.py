@@ -51,8 +51,10 @@ def header_problem(path: str | os.PathLike, max_voxels: int | None = MAX_IMAGE_V
     shape = tuple(int(s) for s in image.shape)
     voxels = math.prod(shape) if shape else 0
     if max_voxels is not None and voxels > int(max_voxels):
-        return (f"not read: its header declares {voxels:,} voxels {shape}, more than the limit of "
-                f"{int(max_voxels):,} (max_image_voxels in inference.json raises it)")
+        return (
+            f"not read: its header declares {voxels:,} voxels {shape}, more than the limit of "
+            f"{int(max_voxels):,} (max_image_voxels in inference.json raises it)"
+        )
     header = image.header
     if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         if not _is_compressed(path):
@@ -75,8 +77,10 @@ def _is_compressed(path: str | os.PathLike) -> bool:
 def _geometry_problem(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str | None:
     sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
     if sform_code == 0 and qform_code == 0:
-        return ("its header sets no orientation (sform and qform codes are 0): where the image lies, and which side is "
-                "left, are unknown; set its sform or qform (e.g. copy them from an image of the same scan)")
+        return (
+            "its header sets no orientation (sform and qform codes are 0): where the image lies, and which side is "
+            "left, are unknown; set its sform or qform (e.g. copy them from an image of the same scan)"
+        )
     sform, qform = header.get_sform(), header.get_qform()
     if sform_code > 0 and not _invertible(sform):
         return f"its sform (code {sform_code}) is singular or not finite (e.g. all zero): set a valid sform or code 0"
@@ -85,8 +89,10 @@ def _geometry_problem(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str |
     if sform_code > 0 and qform_code > 0 and _invertible(qform):
         s_axes, q_axes = nib.aff2axcodes(sform), nib.aff2axcodes(qform)
         if s_axes != q_axes:
-            return (f"its sform ({''.join(s_axes)}) and qform ({''.join(q_axes)}) orient the image differently, so "
-                    "it is unknown which is right; make them agree (or set one code to 0)")
+            return (
+                f"its sform ({''.join(s_axes)}) and qform ({''.join(q_axes)}) orient the image differently, so "
+                "it is unknown which is right; make them agree (or set one code to 0)"
+            )
     return None
 
 

@@ -56,17 +56,29 @@ class ForecastInferer(Inferer):
         reuse_memory: bool = True,
     ) -> None:
         super().__init__()
-        self.sampler = ForecastSampler(scheduler, num_inference_steps, guidance_scale, chunk_size, progress,
-                                       channels_last=channels_last, precision=precision, compile=compile,
-                                       reuse_memory=reuse_memory)
+        self.sampler = ForecastSampler(
+            scheduler,
+            num_inference_steps,
+            guidance_scale,
+            chunk_size,
+            progress,
+            channels_last=channels_last,
+            precision=precision,
+            compile=compile,
+            reuse_memory=reuse_memory,
+        )
         self.num_samples = check_num_samples(num_samples, limit=None)
         self.arms = parse_arms(arms) if arms is not None else None
         self.seed = seed
 
     def settings(self) -> dict[str, Any]:
         """What its samples depend on besides the network and the input: K, steps, guidance and seed."""
-        return {"num_samples": self.num_samples, "seed": self.seed,
-                "num_inference_steps": self.sampler.num_inference_steps, "guidance_scale": self.sampler.guidance_scale}
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "num_inference_steps": self.sampler.num_inference_steps,
+            "guidance_scale": self.sampler.guidance_scale,
+        }
 
     def __call__(  # type: ignore[override]
         self,

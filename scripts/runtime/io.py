@@ -1,5 +1,4 @@
-"""NIfTI files: binary masks in, volumes out on a given affine, written atomically.
-"""
+"""NIfTI files: binary masks in, volumes out on a given affine, written atomically."""
 
 from __future__ import annotations
 

@@ -140,8 +140,15 @@ def lesion_matching(pred: np.ndarray, ref: np.ndarray) -> LesionMatch:
 def match_lesions(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Lesion-wise detection of ``pred`` against ``ref`` (same grid), with the conventions of the module docstring."""
     m = lesion_matching(pred, ref)
-    return {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1,
-            "dice": dice(pred, ref)}
+    return {
+        "tp": m.tp,
+        "fp": m.fp,
+        "fn": m.fn,
+        "precision": m.precision,
+        "recall": m.recall,
+        "f1": m.f1,
+        "dice": dice(pred, ref),
+    }
 
 
 def analyze_mask(mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | None = None) -> dict[str, Any]:
@@ -169,9 +176,14 @@ def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: mask holds NaN or Inf values")
     values = np.unique(data)
     if len(values) > 2:  # e.g. a probability map: say what is counted rather than count silently
-        logger.warning("%s is not a binary mask (%d distinct values in [%g, %g]): voxels > 0.5 count as lesion; for a "
-                       "forecast give its <arm>_mask.nii.gz, or threshold the probability map first", path,
-                       len(values), float(values[0]), float(values[-1]))
+        logger.warning(
+            "%s is not a binary mask (%d distinct values in [%g, %g]): voxels > 0.5 count as lesion; for a "
+            "forecast give its <arm>_mask.nii.gz, or threshold the probability map first",
+            path,
+            len(values),
+            float(values[0]),
+            float(values[-1]),
+        )
     return data > 0.5, image.affine
 
 
@@ -184,4 +196,3 @@ def main(mask: str, reference: str | None = None) -> None:
         if ref.shape != data.shape or not np.allclose(ref_affine, affine, atol=1e-3):
             raise SystemExit(f"error: {reference} does not lie on the grid of {mask} (shape or affine differ)")
     print(json.dumps(analyze_mask(data, affine, ref)))
-

@@ -47,8 +47,12 @@ class TreatmentHorizonEmbedding(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_treatments: int = NULL_TREATMENT + 1, horizon_channels: int = 64,
-        horizon_scale: float = 10.0, patient_features: int = 0,
+        self,
+        embed_dim: int,
+        num_treatments: int = NULL_TREATMENT + 1,
+        horizon_channels: int = 64,
+        horizon_scale: float = 10.0,
+        patient_features: int = 0,
     ) -> None:
         super().__init__()
         self.num_treatments = num_treatments
@@ -56,12 +60,12 @@ class TreatmentHorizonEmbedding(nn.Module):
         self.horizon_scale = horizon_scale
         self.patient_features = patient_features
         self.treatment = nn.Embedding(num_treatments, embed_dim)
-        self.horizon = nn.Sequential(
-            nn.Linear(horizon_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        self.horizon = nn.Sequential(nn.Linear(horizon_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.patient = (
+            nn.Sequential(nn.Linear(patient_features, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+            if patient_features
+            else None
         )
-        self.patient = nn.Sequential(
-            nn.Linear(patient_features, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
-        ) if patient_features else None
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels``: (N, 2 + patient_features) float tensor of [treatment index, horizon weeks, *patient features]."""
@@ -70,7 +74,7 @@ class TreatmentHorizonEmbedding(nn.Module):
         horizon = get_timestep_embedding(labels[:, 1].float() * self.horizon_scale, self.horizon_channels)
         out = self.treatment(treatment) + self.horizon(horizon.to(dtype))
         if self.patient is not None:
-            out = out + self.patient(labels[:, 2:2 + self.patient_features].to(dtype))
+            out = out + self.patient(labels[:, 2 : 2 + self.patient_features].to(dtype))
         return out
 
 
@@ -87,7 +91,12 @@ class VoxelHead(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, feature_channels: int, noisy_channels: int, hidden_channels: int, out_channels: int,
+        self,
+        spatial_dims: int,
+        feature_channels: int,
+        noisy_channels: int,
+        hidden_channels: int,
+        out_channels: int,
         embed_dim: int,
     ) -> None:
         super().__init__()
@@ -166,14 +175,17 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         self.patch_embed = conv(noisy_channels + cond_channels, channels[0], patch_size, stride=patch_size)
         self.patch_unembed = conv_t(channels[0], head_channels, patch_size, stride=patch_size)
         self.class_embedding = TreatmentHorizonEmbedding(
-            embed_dim=channels[0] * 4, num_treatments=NULL_TREATMENT + 1, horizon_scale=horizon_scale,
+            embed_dim=channels[0] * 4,
+            num_treatments=NULL_TREATMENT + 1,
+            horizon_scale=horizon_scale,
             patient_features=patient_channels,
         )
         self.head = VoxelHead(spatial_dims, head_channels, noisy_channels, head_channels, out_channels, channels[0] * 4)
 
     @staticmethod
-    def condition_labels(treatment: torch.Tensor, horizon: torch.Tensor,
-                         patient: torch.Tensor | None = None) -> torch.Tensor:
+    def condition_labels(
+        treatment: torch.Tensor, horizon: torch.Tensor, patient: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Pack treatment indices, horizons and patient-level features (N, F) into the (N, 2 + F) ``class_labels``
         the parent forward expects."""
         labels = torch.stack([treatment.reshape(-1).float(), horizon.reshape(-1).float()], dim=1)
@@ -199,9 +211,10 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
             if horizon is None:
                 raise ValueError("horizon (weeks) is required")
             # x = [noisy, cond]: the patient channels are its last ones, constant in space
-            patient = x[:, x.shape[1] - self.patient_channels:].flatten(2).mean(-1) if self.patient_channels else None
-            class_labels = self.condition_labels(treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n),
-                                                 patient)
+            patient = x[:, x.shape[1] - self.patient_channels :].flatten(2).mean(-1) if self.patient_channels else None
+            class_labels = self.condition_labels(
+                treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n), patient
+            )
         h = super().forward(self.patch_embed(x), timesteps, context=context, class_labels=class_labels)
         return self.head(self.patch_unembed(h), noisy, self.embedding(timesteps, class_labels, x.dtype))
 
@@ -226,4 +239,3 @@ class DeterministicForecastNet(ForecastDiffusionUNet):
     ) -> torch.Tensor:
         timesteps = torch.zeros(cond.shape[0], dtype=torch.long, device=cond.device)
         return super().forward(cond, timesteps, cond=None, treatment=treatment, horizon=horizon)
-

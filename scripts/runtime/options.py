@@ -1,5 +1,4 @@
-"""Checks of the forecast command's options (arms, samples): a bad value is one line naming the option and the fix.
-"""
+"""Checks of the forecast command's options (arms, samples): a bad value is one line naming the option and the fix."""
 
 from __future__ import annotations
 
@@ -43,14 +42,17 @@ def check_num_samples(value: Any, limit: int | None = MAX_NUM_SAMPLES) -> int:
     Raises:
         InputError: not a whole number, below 1, or above ``limit`` (which the message says how to raise).
     """
-    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value)
-                                                    and int(value) == value)
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and int(value) == value
+    )
     if isinstance(value, bool) or not whole:
         raise InputError(f"num_samples: must be a whole number of samples, got {value!r}")
     value = int(value)
     if value < 1:
         raise InputError(f"num_samples: must be at least 1, got {value}")
     if limit is not None and value > int(limit):
-        raise InputError(f"num_samples: {value} is above the limit of {int(limit)} samples per case and arm (all are "
-                         f"held in memory at once); raise it with --max_num_samples if the machine has the memory")
+        raise InputError(
+            f"num_samples: {value} is above the limit of {int(limit)} samples per case and arm (all are "
+            f"held in memory at once); raise it with --max_num_samples if the machine has the memory"
+        )
     return value

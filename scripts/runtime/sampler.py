@@ -106,8 +106,8 @@ def _rows(v: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
     if stop <= n:
         return v[start:stop]
     if start >= n:
-        return v[start - n:stop - n]
-    return torch.cat([v[start:], v[:stop - n]])
+        return v[start - n : stop - n]
+    return torch.cat([v[start:], v[: stop - n]])
 
 
 class ForecastSampler:
@@ -181,8 +181,13 @@ class ForecastSampler:
         return v
 
     def _predict(
-        self, network: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-        treatment: torch.Tensor, horizon: torch.Tensor,
+        self,
+        network: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        treatment: torch.Tensor,
+        horizon: torch.Tensor,
     ) -> torch.Tensor:
         n = x.shape[0]
         guided = self.guidance_scale != 1.0
@@ -235,8 +240,7 @@ class ForecastSampler:
         with torch.inference_mode(), reuse_freed_memory(self.reuse_memory and cond.device.type == "cpu"):
             n = cond.shape[0]
             if noise is None:
-                noise = torch.randn((n, 1, *cond.shape[2:]), generator=generator, device=cond.device,
-                                    dtype=cond.dtype)
+                noise = torch.randn((n, 1, *cond.shape[2:]), generator=generator, device=cond.device, dtype=cond.dtype)
             self.scheduler.set_timesteps(self.num_inference_steps, device=cond.device)
             x = noise.to(cond.device).float()
             treatment = treatment.to(cond.device).long().reshape(-1).expand(n)

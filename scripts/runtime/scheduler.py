@@ -104,8 +104,14 @@ class ForecastScheduler(DDIMScheduler):
         if prediction_type != "mask_logits":
             raise ValueError(f"prediction_type must be 'mask_logits', got {prediction_type!r}")
         # MONAI validates its own prediction types: mask logits convert to x0 ("sample") in this class
-        super().__init__(num_train_timesteps=num_train_timesteps, schedule=schedule, clip_sample=clip_sample,
-                         set_alpha_to_one=True, prediction_type="sample", **schedule_args)
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            schedule=schedule,
+            clip_sample=clip_sample,
+            set_alpha_to_one=True,
+            prediction_type="sample",
+            **schedule_args,
+        )
         self.prediction_type = prediction_type
         self.llr_clip = float(llr_clip)
         self.llr_scale = float(llr_scale)

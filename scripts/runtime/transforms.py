@@ -139,10 +139,12 @@ class LoadCased(LoadImaged):
         ref_affine, ref_shape = ref.affine.numpy(), tuple(ref.shape[1:])
         for key in self.key_iterator(d):
             img = d[key]
-            if key != reference_key and not fields_of_view_overlap(img.affine.numpy(), img.shape[1:], ref_affine,
-                                                                   ref_shape):
+            if key != reference_key and not fields_of_view_overlap(
+                img.affine.numpy(), img.shape[1:], ref_affine, ref_shape
+            ):
                 raise CaseError(
-                    case_id, str(key),
+                    case_id,
+                    str(key),
                     f"its field of view {describe_box(world_bounding_box(img.affine.numpy(), img.shape[1:]))} does not "
                     f"overlap that of {reference_key} {describe_box(world_bounding_box(ref_affine, ref_shape))}: the "
                     "images of a case must lie in one world space (co-registered)",
@@ -166,9 +168,13 @@ class LoadCased(LoadImaged):
         # masks may be empty (no lesion), but an MRI with a single value carries no image at all
         if key in self.mri_keys and array.size and float(array.min()) == float(array.max()):
             value = float(array.flat[0])
-            raise CaseError(case_id, key, "all voxels are 0 (an empty image)" if value == 0 else
-                            f"all voxels equal {value:g} (an image without contrast)")
-
+            raise CaseError(
+                case_id,
+                key,
+                "all voxels are 0 (an empty image)"
+                if value == 0
+                else f"all voxels equal {value:g} (an image without contrast)",
+            )
 
     @staticmethod
     def _check_mask(case_id: str, key: str, array: np.ndarray) -> None:
@@ -181,14 +187,26 @@ class LoadCased(LoadImaged):
             raise CaseError(case_id, key, f"a mask cannot hold negative values; found {len(values)} values: {shown}")
         if len(values) <= 2 or values[-1] <= 1.0:
             if len(values) > 2:
-                logger.warning("case %s: %s: fractional mask values (%s), e.g. from linear resampling: voxels "
-                               ">= 0.5 count as lesion", case_id, key, shown)
+                logger.warning(
+                    "case %s: %s: fractional mask values (%s), e.g. from linear resampling: voxels "
+                    ">= 0.5 count as lesion",
+                    case_id,
+                    key,
+                    shown,
+                )
             elif len(values) == 2 and values[0] == 0 and values[1] < 0.5:
-                raise CaseError(case_id, key, f"a mask of 0 and {values[1]:g}: no voxel reaches 0.5, the lesion "
-                                              "threshold; save the lesions as 1")
+                raise CaseError(
+                    case_id,
+                    key,
+                    f"a mask of 0 and {values[1]:g}: no voxel reaches 0.5, the lesion threshold; save the lesions as 1",
+                )
             return
-        raise CaseError(case_id, key, f"expected a binary mask (0 and one label value), found {len(values)} values: "
-                                      f"{shown} (a label map: select the lesion label first)")
+        raise CaseError(
+            case_id,
+            key,
+            f"expected a binary mask (0 and one label value), found {len(values)} values: "
+            f"{shown} (a label map: select the lesion label first)",
+        )
 
 
 def _read_problem(path: Any, error: Exception) -> str:
@@ -410,8 +428,9 @@ class StackConditiond(MapTransform):
             cond[VOLUME_CHANNEL[key]] = _plain(volume)[0].float()
             cond[AVAILABLE_CHANNEL[key]] = 1.0
             if key in LOAD_CHANNEL:
-                for channel, value in zip(LOAD_CHANNEL[key], lesion_load(cond[VOLUME_CHANNEL[key]], voxel_mm3),
-                                          strict=True):
+                for channel, value in zip(
+                    LOAD_CHANNEL[key], lesion_load(cond[VOLUME_CHANNEL[key]], voxel_mm3), strict=True
+                ):
                     cond[channel] = value
         d["cond"] = cond
         if d.get(LABEL_KEY) is not None:

@@ -34,14 +34,19 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     unexpected = sorted(set(state) - set(own))
     mis_shaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or mis_shaped:
+
         def head(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
-        shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)})"
-                  for k in mis_shaped]
-        details = [f"{label}: {head(keys)}" for label, keys in
-                   (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys]
+        shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)})" for k in mis_shaped]
+        details = [
+            f"{label}: {head(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes))
+            if keys
+        ]
         # one line: the command prints it as the whole report
-        raise CheckpointError(f"checkpoint {path} does not match the network ({type(network).__name__}; was it "
-                              "trained with other network_def settings?): " + "; ".join(details))
+        raise CheckpointError(
+            f"checkpoint {path} does not match the network ({type(network).__name__}; was it "
+            "trained with other network_def settings?): " + "; ".join(details)
+        )
     network.load_state_dict(state)

@@ -32,9 +32,13 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(values.items()) for tag, values in series.items()}
 
 
-def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 forecasting model",
-                    references: Mapping[str, Mapping[str, float]] | None = None,
-                    key_metric: str = "val_count_crps") -> dict:
+def training_curves(
+    tb_dir: str,
+    out: str,
+    title: str = "Training of the NET2 forecasting model",
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    key_metric: str = "val_count_crps",
+) -> dict:
     """Plot epoch training loss and validation metrics of a run into ``out`` (PNG); return the plotted series.
 
     ``references``: per metric tag, labelled reference levels drawn as horizontal lines (e.g. the score of an empty
@@ -42,28 +46,36 @@ def training_curves(tb_dir: str, out: str, title: str = "Training of the NET2 fo
     ``key_metric`` (train.json's key validation metric, lower is better) is marked: the run keeps those weights.
     """
     scalars = read_scalars(tb_dir)
-    wanted = {"train_loss": "training loss (train.json's loss)",
-              "val_count_crps": "validation NET2 count CRPS (lesions)",
-              "val_count_mae": "validation NET2 count MAE (lesions)",
-              "val_activity_brier": "validation Brier score of P(active)",
-              "val_dice": "validation Dice of the forecast mask"}
+    wanted = {
+        "train_loss": "training loss (train.json's loss)",
+        "val_count_crps": "validation NET2 count CRPS (lesions)",
+        "val_count_mae": "validation NET2 count MAE (lesions)",
+        "val_activity_brier": "validation Brier score of P(active)",
+        "val_dice": "validation Dice of the forecast mask",
+    }
     present = [tag for tag in wanted if tag in scalars]
     if not present:
         raise ValueError(f"no training or validation scalars in {tb_dir}; found {sorted(scalars)}")
     ncols = min(3, len(present))
     nrows = -(-len(present) // ncols)
     with figure_file(out, nrows=nrows, ncols=ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False) as (fig, axes):
-        for ax in axes.flat[len(present):]:
+        for ax in axes.flat[len(present) :]:
             ax.set_visible(False)
         for ax, tag in zip(axes.flat, present, strict=False):
             steps, values = zip(*scalars[tag], strict=True)
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="model")
             if tag == key_metric:
                 best = int(np.argmin(values))  # the first minimum, as the run's key-metric saver keeps it
-                ax.plot(steps[best], values[best], marker="*", markersize=14, color="tab:red", linestyle="none",
-                        label=f"kept as model.pt (epoch {steps[best]})")
-            for (label, level), style in zip((references or {}).get(tag, {}).items(), ("--", ":", "-."),
-                                             strict=False):
+                ax.plot(
+                    steps[best],
+                    values[best],
+                    marker="*",
+                    markersize=14,
+                    color="tab:red",
+                    linestyle="none",
+                    label=f"kept as model.pt (epoch {steps[best]})",
+                )
+            for (label, level), style in zip((references or {}).get(tag, {}).items(), ("--", ":", "-."), strict=False):
                 ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{label} ({level:.2f})")
             if (references or {}).get(tag) or tag == key_metric:
                 ax.legend(fontsize=8)

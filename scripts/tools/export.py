@@ -64,7 +64,11 @@ class TracedForward(nn.Module):
         self.network = network
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, treatment: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        treatment: torch.Tensor,
         horizon: torch.Tensor,
     ) -> torch.Tensor:
         return self.network(x, timesteps, cond, treatment, horizon)
@@ -111,7 +115,10 @@ def spatial_multiple(network: nn.Module) -> int:
 
 
 def example_inputs(
-    batch_size: int, spatial_size: Sequence[int], cond_channels: int = len(CONDITION_CHANNELS), seed: int = 0,
+    batch_size: int,
+    spatial_size: Sequence[int],
+    cond_channels: int = len(CONDITION_CHANNELS),
+    seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, ...]:
     """Random inputs of the traced signature (every arm, the null token included, and horizons 1-104 weeks)."""
@@ -137,12 +144,20 @@ def trace_network(network: nn.Module, spatial_size: Sequence[int], batch_size: i
         # the tracer warns about Python booleans taken from shapes (group-norm size checks, the head's batch-1
         # broadcast); they only skip checks or pick the same branch for any batch, and max_abs_difference checks it
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return convert_to_torchscript(wrapper, inputs=list(inputs), use_trace=True, verify=True, device=device,
-                                      rtol=1e-4, atol=1e-5, check_trace=False)
+        return convert_to_torchscript(
+            wrapper,
+            inputs=list(inputs),
+            use_trace=True,
+            verify=True,
+            device=device,
+            rtol=1e-4,
+            atol=1e-5,
+            check_trace=False,
+        )
 
 
 def max_abs_difference(
-    traced: nn.Module, network: nn.Module, spatial_size: Sequence[int], batch_sizes: Sequence[int] = (1, 3),
+    traced: nn.Module, network: nn.Module, spatial_size: Sequence[int], batch_sizes: Sequence[int] = (1, 3)
 ) -> float:
     """Largest absolute difference between the traced and the eager network over random inputs of each batch size."""
     device = next(network.parameters()).device
@@ -157,8 +172,13 @@ def max_abs_difference(
 
 def device_constants(traced: torch.jit.ScriptModule) -> list[str]:
     """Devices written as constants into the traced graph; empty when it runs on whatever device it is loaded to."""
-    return sorted({line.split('value="')[1].split('"')[0] for line in str(traced.inlined_graph).splitlines()
-                   if "Device = prim::Constant" in line and 'value="' in line})
+    return sorted(
+        {
+            line.split('value="')[1].split('"')[0]
+            for line in str(traced.inlined_graph).splitlines()
+            if "Device = prim::Constant" in line and 'value="' in line
+        }
+    )
 
 
 def read_export_info(ts_path: str | os.PathLike) -> dict[str, Any] | None:
@@ -248,19 +268,23 @@ def export(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_net_with_metadata(
-            traced, str(scratch / out.name), include_config_vals=True, meta_values=parser.get().get("_meta_", {}),
+            traced,
+            str(scratch / out.name),
+            include_config_vals=True,
+            meta_values=parser.get().get("_meta_", {}),
             more_extra_files={"inference.json": json.dumps(config).encode(), EXPORT_INFO: json.dumps(info).encode()},
         )
         os.replace(scratch / out.name, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    logger.info("exported %s (weights %s) to %s: max |traced - eager| = %.3g", type(network).__name__, ckpt, out,
-                difference)
+    logger.info(
+        "exported %s (weights %s) to %s: max |traced - eager| = %.3g", type(network).__name__, ckpt, out, difference
+    )
     return info
 
 
 def load_torchscript(
-    path: str | os.PathLike, device: str | torch.device = "cpu", spatial_size: Sequence[int] | None = None,
+    path: str | os.PathLike, device: str | torch.device = "cpu", spatial_size: Sequence[int] | None = None
 ) -> torch.jit.ScriptModule:
     """Load an exported ``model.ts`` for the forecast (``inference_ts.json``), checking it fits the config.
 
@@ -277,21 +301,31 @@ def load_torchscript(
     if info.get("forward") != list(FORWARD_ARGS):
         raise ValueError(f"{path} is not an export of scripts.export (no {EXPORT_INFO} with forward {FORWARD_ARGS})")
     if info["cond_channels"] != len(CONDITION_CHANNELS):
-        raise ValueError(f"{path} takes {info['cond_channels']} conditioning channels, the bundle makes "
-                         f"{len(CONDITION_CHANNELS)}")
+        raise ValueError(
+            f"{path} takes {info['cond_channels']} conditioning channels, the bundle makes {len(CONDITION_CHANNELS)}"
+        )
     if spatial_size is not None and any(int(s) % info["spatial_multiple"] for s in spatial_size):
-        raise ValueError(f"spatial_size {list(spatial_size)} is not divisible by {info['spatial_multiple']}, "
-                         f"which {path} requires")
+        raise ValueError(
+            f"spatial_size {list(spatial_size)} is not divisible by {info['spatial_multiple']}, which {path} requires"
+        )
     module, meta, _ = load_net_with_metadata(str(path), map_location=torch.device(device))
-    logger.info("loaded %s (bundle %s, weights %s, exported with torch %s)", path, meta.get("version"),
-                info.get("ckpt_sha256", "")[:12], info.get("torch_version"))
+    logger.info(
+        "loaded %s (bundle %s, weights %s, exported with torch %s)",
+        path,
+        meta.get("version"),
+        info.get("ckpt_sha256", "")[:12],
+        info.get("torch_version"),
+    )
     return module.eval()
 
 
-def main(ckpt: str = "bundle/models/model.pt", out: str = "bundle/models/model.ts",
-         config_file: str = "bundle/configs/inference.json", meta_file: str = "bundle/configs/metadata.json",
-         **overrides: Any) -> None:
+def main(
+    ckpt: str = "bundle/models/model.pt",
+    out: str = "bundle/models/model.ts",
+    config_file: str = "bundle/configs/inference.json",
+    meta_file: str = "bundle/configs/metadata.json",
+    **overrides: Any,
+) -> None:
     """``python -m scripts.export --ckpt bundle/models/model.pt --out bundle/models/model.ts``: print export.json."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(json.dumps(export(ckpt, out, config_file, meta_file, **overrides), indent=2))
-

@@ -74,7 +74,7 @@ def _inline(value: Any, sources: dict[str, ConfigParser], configs: Path) -> Any:
     if isinstance(value, list):
         return [_inline(v, sources, configs) for v in value]
     if isinstance(value, str) and value.startswith(MACRO_PREFIX):
-        path, ids = ConfigParser.split_path_id(value[len(MACRO_PREFIX):])
+        path, ids = ConfigParser.split_path_id(value[len(MACRO_PREFIX) :])
         if path not in sources:
             sources[path] = ConfigParser(ConfigParser.load_config_file(configs / path))
         return copy.deepcopy(sources[path][ids])
@@ -124,8 +124,10 @@ def package(
     ts, pt = bundle_dir / "models" / "model.ts", bundle_dir / "models" / "model.pt"
     if ts.exists() and not export_torchscript and not matches_checkpoint(ts, pt):
         # MONAI Deploy loads model.ts before model.pt: a stale one would silently serve old weights
-        raise ValueError(f"{ts} was not exported from {pt}: run python -m scripts.export --ckpt {pt} --out {ts}, "
-                         "or package with --export_torchscript True")
+        raise ValueError(
+            f"{ts} was not exported from {pt}: run python -m scripts.export --ckpt {pt} --out {ts}, "
+            "or package with --export_torchscript True"
+        )
 
     Path(out).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
@@ -138,21 +140,30 @@ def package(
             elif src.is_file():
                 shutil.copy2(src, staging / item)
         shutil.copytree(scripts_dir, staging / "scripts", ignore=_ignore)
-        inlined = [p.name for p in sorted((staging / "configs").glob("*.json"))
-                   if _inline_macros(p, bundle_dir / "configs")]
+        inlined = [
+            p.name for p in sorted((staging / "configs").glob("*.json")) if _inline_macros(p, bundle_dir / "configs")
+        ]
         rewritten = [p.name for p in sorted((staging / "configs").glob("*.json")) if _rewrite_bundle_root(p)]
         if export_torchscript:
-            export(pt, staging / "models" / "model.ts", config_file=str(bundle_dir / "configs" / "inference.json"),
-                   meta_file=str(bundle_dir / "configs" / "metadata.json"))
+            export(
+                pt,
+                staging / "models" / "model.ts",
+                config_file=str(bundle_dir / "configs" / "inference.json"),
+                meta_file=str(bundle_dir / "configs" / "metadata.json"),
+            )
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("packaged bundle in %s (bundle_root rewritten in %s; macros inlined in %s; model.ts %s)", dest,
-                ", ".join(rewritten), ", ".join(inlined) or "none",
-                "included" if (dest / "models" / "model.ts").exists() else "absent")
+    logger.info(
+        "packaged bundle in %s (bundle_root rewritten in %s; macros inlined in %s; model.ts %s)",
+        dest,
+        ", ".join(rewritten),
+        ", ".join(inlined) or "none",
+        "included" if (dest / "models" / "model.ts").exists() else "absent",
+    )
     return dest
 
 
@@ -160,4 +171,3 @@ def main(out: str, name: str = DEFAULT_NAME, export_torchscript: bool = False, o
     """``python -m scripts.package --out DIR``: print the packaged bundle's path."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(package(out, name, export_torchscript=export_torchscript, overwrite=overwrite))
-

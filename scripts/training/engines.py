@@ -64,7 +64,10 @@ class ConditionPrepareBatch(PrepareBatch):
     """``(cond, label, (), {"treatment", "horizon"})``: input for the deterministic net and for sampling."""
 
     def __call__(
-        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
         cond, treatment, horizon = _conditions(batchdata, device, non_blocking)
@@ -107,7 +110,10 @@ class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
         return weight
 
     def __call__(  # type: ignore[override]
-        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, WeightedTarget, tuple, dict]:
         cond, treatment, horizon = _conditions(batchdata, device, non_blocking)
@@ -254,11 +260,14 @@ class TrainerCheckpointSaver(AtomicCheckpointSaver):
         checkpoint = self._interval_checkpoint
         if checkpoint is None or not self.epoch_level or engine.state.epoch == 0:
             return
-        earlier = [(epoch, os.path.basename(path)) for epoch, path in epoch_checkpoints(self.save_dir)
-                   if epoch <= engine.state.epoch]
+        earlier = [
+            (epoch, os.path.basename(path))
+            for epoch, path in epoch_checkpoints(self.save_dir)
+            if epoch <= engine.state.epoch
+        ]
         keep = len(earlier) if checkpoint.n_saved is None else checkpoint.n_saved
         # a run killed between writing a checkpoint and deleting the one it replaces leaves both
-        superseded, earlier = earlier[: max(len(earlier) - keep, 0)], earlier[max(len(earlier) - keep, 0):]
+        superseded, earlier = earlier[: max(len(earlier) - keep, 0)], earlier[max(len(earlier) - keep, 0) :]
         for _, name in superseded:
             logger.info("removed %s, superseded by a later checkpoint", os.path.join(self.save_dir, name))
             checkpoint.save_handler._remove_now(name)
@@ -299,8 +308,10 @@ class ValidationState:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.evaluator.state
-        out: dict[str, Any] = {"best_metric": float(state.best_metric),
-                               "best_metric_epoch": int(state.best_metric_epoch)}
+        out: dict[str, Any] = {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+        }
         tracker = getattr(self.saver, "_key_metric_checkpoint", None)  # MONAI has load_state_dict, no getter
         if tracker is not None:
             out["key_metric_saved"] = tracker.state_dict()

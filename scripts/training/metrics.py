@@ -125,8 +125,9 @@ class ForecastDice(_CaseMean):
         return dice(samples.mean(0) >= 0.5, label)
 
 
-def reference_scores(datalist: str | os.PathLike, split: str = "validation",
-                     transform: Callable[[dict], dict] | None = None) -> dict[str, dict[str, float]]:
+def reference_scores(
+    datalist: str | os.PathLike, split: str = "validation", transform: Callable[[dict], dict] | None = None
+) -> dict[str, dict[str, float]]:
     """The validation metrics of two reference forecasters on a split's labelled cases, as ``{metric: {name: score}}``
     (the ``references`` of :func:`scripts.tools.curves.training_curves`).
 
@@ -148,8 +149,11 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
             label = _numpy(transform(dict(case))["label"])[0]
         observed.append(count_lesions(label > 0.5))
         truth = truth_dir / f"{case['id']}.json"
-        means.append(float(json.loads(truth.read_text())["expected_count"][case["treatment"]])
-                     if truth.is_file() and case.get("treatment") else None)
+        means.append(
+            float(json.loads(truth.read_text())["expected_count"][case["treatment"]])
+            if truth.is_file() and case.get("treatment")
+            else None
+        )
     active = np.asarray(observed) > 0
     out: dict[str, dict[str, float]] = {
         "val_count_crps": {"empty forecast": float(np.mean(observed))},
@@ -157,8 +161,9 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
         "val_activity_brier": {"empty forecast": float(active.mean())},
     }
     if all(m is not None for m in means):
-        out["val_count_crps"]["oracle"] = float(np.mean([poisson_count_crps(m, y) for m, y in zip(means, observed,
-                                                                                                 strict=True)]))
+        out["val_count_crps"]["oracle"] = float(
+            np.mean([poisson_count_crps(m, y) for m, y in zip(means, observed, strict=True)])
+        )
         out["val_count_mae"]["oracle"] = float(np.mean(np.abs(np.asarray(means) - np.asarray(observed))))
         p_active = 1.0 - np.exp(-np.asarray(means))
         out["val_activity_brier"]["oracle"] = float(np.mean((p_active - active) ** 2))
@@ -168,8 +173,9 @@ def reference_scores(datalist: str | os.PathLike, split: str = "validation",
 def main() -> None:
     """``python -m scripts.training.metrics references --datalist D``: the reference scores of a split."""
 
-    def references(datalist: str, split: str = "validation", config_file: str | None = None,
-                   out: str | None = None) -> None:
+    def references(
+        datalist: str, split: str = "validation", config_file: str | None = None, out: str | None = None
+    ) -> None:
         """Print (and with ``out`` write) the reference scores of a split as JSON; with ``config_file`` (e.g.
         bundle/configs/train.json) the labels go through its ``validate#preprocessing`` first."""
         transform = None

@@ -39,8 +39,12 @@ class ArmPrediction:
     samples: np.ndarray | None = None  # (K, *reference shape) bool
 
 
-def load_baseline(network: torch.nn.Module | None, ckpt: str | os.PathLike | None, device: str | torch.device = "cpu",
-                  copy_network: bool = False) -> torch.nn.Module | None:
+def load_baseline(
+    network: torch.nn.Module | None,
+    ckpt: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    copy_network: bool = False,
+) -> torch.nn.Module | None:
     """A baseline network with the weights of ``ckpt`` (None without checkpoint); ``copy_network`` loads into a copy."""
     if ckpt is None or network is None:
         return None
@@ -79,8 +83,14 @@ ToReference = Callable[[np.ndarray, str], np.ndarray]
 """``to_ref(volume, mode)``: a working-grid volume on the case's reference grid (``nearest`` or ``bilinear``)."""
 
 
-def diffusion_predictions(samples: np.ndarray, forecast: Mapping[str, Any], probs: Mapping[str, np.ndarray],
-                          arms: Sequence[str], to_ref: ToReference, sample_arms: set[str]) -> dict[str, ArmPrediction]:
+def diffusion_predictions(
+    samples: np.ndarray,
+    forecast: Mapping[str, Any],
+    probs: Mapping[str, np.ndarray],
+    arms: Sequence[str],
+    to_ref: ToReference,
+    sample_arms: set[str],
+) -> dict[str, ArmPrediction]:
     """The evaluated model's forecast per arm, from the runner's binary samples (A, K, *working grid) and figures;
     reference-grid samples only for ``sample_arms`` (reference grids can be large)."""
     out: dict[str, ArmPrediction] = {}
@@ -88,9 +98,13 @@ def diffusion_predictions(samples: np.ndarray, forecast: Mapping[str, Any], prob
         figures = forecast["arms"][arm]
         prob = np.asarray(probs[arm]) if arm in probs else None
         out[arm] = ArmPrediction(
-            figures["expected_count"], figures["p_active"], list(figures["count_interval_90"]), prob,
+            figures["expected_count"],
+            figures["p_active"],
+            list(figures["count_interval_90"]),
+            prob,
             None if prob is None else prob >= 0.5,
-            to_ref(samples[a], "nearest") > 0.5 if arm in sample_arms else None)
+            to_ref(samples[a], "nearest") > 0.5 if arm in sample_arms else None,
+        )
     return out
 
 
@@ -107,8 +121,14 @@ class DeterministicBaseline:
         self.network, self.inferer, self.device = network, inferer, torch.device(device)
 
     @torch.no_grad()
-    def predict(self, cond: np.ndarray, horizon: float, arms: Sequence[str], to_ref: ToReference,
-                allowed: np.ndarray | None = None) -> dict[str, ArmPrediction]:
+    def predict(
+        self,
+        cond: np.ndarray,
+        horizon: float,
+        arms: Sequence[str],
+        to_ref: ToReference,
+        allowed: np.ndarray | None = None,
+    ) -> dict[str, ArmPrediction]:
         """Forecast per arm from the preprocessed ``cond``; ``allowed`` (working grid) restricts the map as the
         diffusion samples were restricted."""
         cond_t = torch.as_tensor(cond).float()[None].to(self.device)
@@ -121,8 +141,9 @@ class DeterministicBaseline:
                 prob_w = np.where(allowed, prob_w, 0.0).astype(np.float32)
             prob = np.clip(to_ref(prob_w, "bilinear"), 0.0, 1.0)
             mask = prob >= 0.5
-            out[arm] = ArmPrediction(float(count_lesions(prob_w >= 0.5)), float(prob_w.max()), None, prob, mask,
-                                     mask[None])
+            out[arm] = ArmPrediction(
+                float(count_lesions(prob_w >= 0.5)), float(prob_w.max()), None, prob, mask, mask[None]
+            )
         return out
 
 
@@ -139,8 +160,16 @@ class UnawareBaseline:
         self.network, self.inferer, self.device = network, inferer, torch.device(device)
 
     @torch.no_grad()
-    def predict(self, cond: np.ndarray, horizon: float, arms: Sequence[str], working_affine: np.ndarray,
-                to_ref: ToReference, with_samples: bool, allowed: np.ndarray | None = None) -> dict[str, ArmPrediction]:
+    def predict(
+        self,
+        cond: np.ndarray,
+        horizon: float,
+        arms: Sequence[str],
+        working_affine: np.ndarray,
+        to_ref: ToReference,
+        with_samples: bool,
+        allowed: np.ndarray | None = None,
+    ) -> dict[str, ArmPrediction]:
         """The same prediction under every arm of ``arms``; reference-grid samples when ``with_samples``."""
         cond_t = torch.as_tensor(cond).float()[None].to(self.device)
         h = torch.tensor([horizon], device=self.device)
@@ -149,8 +178,14 @@ class UnawareBaseline:
             samples &= allowed
         figures = summarize_arm(samples, working_affine)
         prob = np.clip(to_ref(figures["prob_working"], "bilinear"), 0.0, 1.0)
-        prediction = ArmPrediction(figures["expected_count"], figures["p_active"], figures["count_interval_90"],
-                                   prob, prob >= 0.5, to_ref(samples, "nearest") > 0.5 if with_samples else None)
+        prediction = ArmPrediction(
+            figures["expected_count"],
+            figures["p_active"],
+            figures["count_interval_90"],
+            prob,
+            prob >= 0.5,
+            to_ref(samples, "nearest") > 0.5 if with_samples else None,
+        )
         return dict.fromkeys(arms, prediction)
 
 
@@ -164,8 +199,9 @@ def poisson_predictions(expected: Mapping[str, float], arms: Sequence[str]) -> d
     return out
 
 
-def reference_predictions(reference: ObservableReference, features: Mapping[str, float], arms: Sequence[str],
-                          horizon: float) -> dict[str, ArmPrediction]:
+def reference_predictions(
+    reference: ObservableReference, features: Mapping[str, float], arms: Sequence[str], horizon: float
+) -> dict[str, ArmPrediction]:
     """The observable reference's forecast per arm from a case's past NET2 count (``net2_count_1``) and visit-0
     Gd-enhancing count (``gd_count_0``), as counted on its masks."""
     forecasts = reference.predict(int(features["net2_count_1"]), int(features["gd_count_0"]), arms, horizon)

@@ -144,7 +144,8 @@ class Evaluator:
         self.deterministic: DeterministicBaseline | None = None
         if deterministic_network is not None:
             self.deterministic = DeterministicBaseline(
-                deterministic_network, deterministic_inferer or ThresholdInferer(return_probability=True), device)
+                deterministic_network, deterministic_inferer or ThresholdInferer(return_probability=True), device
+            )
         self.unaware: UnawareBaseline | None = None
         if unaware_network is not None:
             if unaware_inferer is None:
@@ -182,8 +183,11 @@ class Evaluator:
             return
         try:
             errors: list[CaseError] = []
-            cases = [c for c in load_datalist(self.population_datalist, "training", errors=errors)
-                     if c.get("label") and c.get("treatment")]
+            cases = [
+                c
+                for c in load_datalist(self.population_datalist, "training", errors=errors)
+                if c.get("label") and c.get("treatment")
+            ]
             observations, rows = [], []
             for case in tqdm(cases, desc="population baseline and regression: training cases", unit="case"):
                 count = count_native(case["label"])
@@ -227,15 +231,21 @@ class Evaluator:
         truth_path = self.truth_dir / f"{case_id}.json"
         truth = json.loads(truth_path.read_text()) if truth_path.is_file() else None
         factual = case.get("treatment") or (truth or {}).get("treatment")
-        record: dict[str, Any] = {"id": case_id, "treatment": factual, "horizon_weeks": horizon,
-                                  "truth_file": truth is not None, "methods": {}}
+        record: dict[str, Any] = {
+            "id": case_id,
+            "treatment": factual,
+            "horizon_weeks": horizon,
+            "truth_file": truth is not None,
+            "methods": {},
+        }
 
         # samples go to the reference grid only where they are compared (GED): reference grids can be large
         evaluated = case.get("label") is not None and factual in arms
         sample_arms = set(arms) if truth is not None else {factual} if evaluated else set()
         # the baselines get the restriction the diffusion samples got (``allowed``)
-        predictions = self._predict(case, data, samples, forecast, probs, arms, truth, horizon, to_ref,
-                                    sample_arms, allowed)
+        predictions = self._predict(
+            case, data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms, allowed
+        )
         pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]] = []
 
         if case.get("label") is None:
@@ -253,25 +263,41 @@ class Evaluator:
             domain = (regions_ref > 0) | label
             for method, per_arm in predictions.items():
                 if factual in per_arm:
-                    record["methods"][method] = self._score_factual(per_arm[factual], label, affine, regions_ref,
-                                                                    domain, method, factual, pending)
-            maps = {method: per_arm[factual].prob for method, per_arm in predictions.items()
-                    if factual in per_arm and per_arm[factual].prob is not None}
+                    record["methods"][method] = self._score_factual(
+                        per_arm[factual], label, affine, regions_ref, domain, method, factual, pending
+                    )
+            maps = {
+                method: per_arm[factual].prob
+                for method, per_arm in predictions.items()
+                if factual in per_arm and per_arm[factual].prob is not None
+            }
             if maps:
-                record["location"] = case_location(maps, label, regions_ref, factual, truth, self.truth_dir.parent,
-                                                   affine, shape)
+                record["location"] = case_location(
+                    maps, label, regions_ref, factual, truth, self.truth_dir.parent, affine, shape
+                )
             record["lesion_sizes"] = {
                 "sampled": [s for sample in samples[arms.index(factual)] for s in lesion_voxel_counts(sample)],
-                "true": lesion_voxel_counts(native)}
+                "true": lesion_voxel_counts(native),
+            }
         if truth is not None:
             record["counterfactual"] = self._score_counterfactual(predictions, truth, affine, shape, arms)
         calibration: dict[tuple[str, str], ReliabilityAccumulator] = {}
         for key, prob, label, where in pending:
             calibration.setdefault(key, ReliabilityAccumulator(self.num_bins)).update(prob, label, where)
         # JSON round trip: a case scored now and one read back by a resumed run are the same record
-        text = json.dumps(strict_json({"key": self.key, "record": record, "calibration": {
-            f"{method}|{group}": acc.state_dict() for (method, group), acc in calibration.items()}}),
-            default=json_default, allow_nan=False)
+        text = json.dumps(
+            strict_json(
+                {
+                    "key": self.key,
+                    "record": record,
+                    "calibration": {
+                        f"{method}|{group}": acc.state_dict() for (method, group), acc in calibration.items()
+                    },
+                }
+            ),
+            default=json_default,
+            allow_nan=False,
+        )
         if self.key is not None:  # inside run(): keep the case for a resumed run
             write_text_atomic(self.output_dir / self.CASES_FOLDER / f"{case_id}.json", text)
         self._add(json.loads(text))
@@ -282,21 +308,33 @@ class Evaluator:
         for name, acc in state["calibration"].items():
             method, group = name.split("|", 1)
             self.calibration.setdefault((method, group), ReliabilityAccumulator(self.num_bins)).merge(
-                ReliabilityAccumulator.from_state_dict(acc))
+                ReliabilityAccumulator.from_state_dict(acc)
+            )
         self.records[record["id"]] = record
 
-    def _predict(self, case: Mapping[str, Any], data: Mapping[str, Any], samples: np.ndarray,
-                 forecast: Mapping[str, Any], probs: Mapping[str, np.ndarray], arms: Sequence[str],
-                 truth: Mapping[str, Any] | None, horizon: float, to_ref: ToReference, sample_arms: set[str],
-                 allowed: np.ndarray | None = None) -> dict[str, dict[str, ArmPrediction]]:
+    def _predict(
+        self,
+        case: Mapping[str, Any],
+        data: Mapping[str, Any],
+        samples: np.ndarray,
+        forecast: Mapping[str, Any],
+        probs: Mapping[str, np.ndarray],
+        arms: Sequence[str],
+        truth: Mapping[str, Any] | None,
+        horizon: float,
+        to_ref: ToReference,
+        sample_arms: set[str],
+        allowed: np.ndarray | None = None,
+    ) -> dict[str, dict[str, ArmPrediction]]:
         """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``);
         ``allowed`` (working grid), where given, restricts the baseline networks' forecasts as the samples were."""
         out = {"diffusion": diffusion_predictions(samples, forecast, probs, arms, to_ref, sample_arms)}
         if self.deterministic is not None:
             out["deterministic"] = self.deterministic.predict(data["cond"], horizon, arms, to_ref, allowed)
         if self.unaware is not None:
-            out["unaware"] = self.unaware.predict(data["cond"], horizon, arms, data["working_affine"], to_ref,
-                                                  bool(sample_arms), allowed)
+            out["unaware"] = self.unaware.predict(
+                data["cond"], horizon, arms, data["working_affine"], to_ref, bool(sample_arms), allowed
+            )
         if self.population is not None:
             rates = self.population["rate_per_week"]
             out["population"] = poisson_predictions({arm: rates[arm] * horizon for arm in arms}, arms)
@@ -308,12 +346,23 @@ class Evaluator:
             out["oracle"] = poisson_predictions(truth["expected_count"], arms)
         return out
 
-    def _score_factual(self, pred: ArmPrediction, label: np.ndarray, affine: np.ndarray, regions: np.ndarray,
-                       domain: np.ndarray, method: str, arm: str,
-                       pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    def _score_factual(
+        self,
+        pred: ArmPrediction,
+        label: np.ndarray,
+        affine: np.ndarray,
+        regions: np.ndarray,
+        domain: np.ndarray,
+        method: str,
+        arm: str,
+        pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]],
+    ) -> dict[str, Any]:
         """Factual figures of one method; its voxel probabilities are queued in ``pending`` for the calibration."""
-        out: dict[str, Any] = {"expected_count": float(pred.expected_count), "p_active": float(pred.p_active),
-                               "interval_90": pred.interval_90}
+        out: dict[str, Any] = {
+            "expected_count": float(pred.expected_count),
+            "p_active": float(pred.p_active),
+            "interval_90": pred.interval_90,
+        }
         if pred.mask is not None:
             out["lesions"] = lesion_table(pred.mask, label, affine, regions)
         if pred.samples is not None:
@@ -329,8 +378,14 @@ class Evaluator:
             pending += [((method, group), pred.prob, label, where) for group in ("all", arm)]
         return out
 
-    def _score_counterfactual(self, predictions: Mapping[str, Mapping[str, ArmPrediction]], truth: Mapping[str, Any],
-                              affine: np.ndarray, shape: Sequence[int], arms: Sequence[str]) -> dict[str, Any]:
+    def _score_counterfactual(
+        self,
+        predictions: Mapping[str, Mapping[str, ArmPrediction]],
+        truth: Mapping[str, Any],
+        affine: np.ndarray,
+        shape: Sequence[int],
+        arms: Sequence[str],
+    ) -> dict[str, Any]:
         expected = {arm: float(v) for arm, v in truth["expected_count"].items()}
         efficacy = {arm: float(v) for arm, v in truth.get("efficacy", {}).items()}
         labels = truth.get("counterfactual_labels", {})
@@ -353,16 +408,20 @@ class Evaluator:
                 if arm not in expected:
                     continue
                 pred = per_arm[arm]
-                cell: dict[str, Any] = {"predicted_count": float(pred.expected_count),
-                                        "true_expected_count": expected[arm], "true_count": counts.get(arm)}
+                cell: dict[str, Any] = {
+                    "predicted_count": float(pred.expected_count),
+                    "true_expected_count": expected[arm],
+                    "true_count": counts.get(arm),
+                }
                 if arm in masks and pred.mask is not None:
                     table = lesion_table(pred.mask, masks[arm], affine)
                     cell.update(dice=table["dice"], f1=table["f1"])
                 if arm in masks and pred.samples is not None:
                     cell["ged"] = generalized_energy_distance(pred.samples, masks[arm])
                 if base is not None and "placebo" in expected:
-                    cell["predicted_ratio"] = (pred.expected_count / base.expected_count
-                                               if base.expected_count > 0 else None)
+                    cell["predicted_ratio"] = (
+                        pred.expected_count / base.expected_count if base.expected_count > 0 else None
+                    )
                     cell["true_ratio"] = expected[arm] / expected["placebo"] if expected["placebo"] > 0 else None
                     cell["predicted_difference"] = float(pred.expected_count - base.expected_count)
                     cell["true_difference"] = expected[arm] - expected["placebo"]
@@ -382,22 +441,36 @@ class Evaluator:
         def factual_section(method: str) -> dict[str, Any]:
             return {
                 "overall": summarize_factual(factual, method, self.calibration.get((method, "all")), self.distance_mm),
-                "per_arm": {arm: summarize_factual([r for r in factual if r["treatment"] == arm], method,
-                                                   self.calibration.get((method, arm)), self.distance_mm)
-                            for arm in arms_seen},
+                "per_arm": {
+                    arm: summarize_factual(
+                        [r for r in factual if r["treatment"] == arm],
+                        method,
+                        self.calibration.get((method, arm)),
+                        self.distance_mm,
+                    )
+                    for arm in arms_seen
+                },
             }
 
         with_truth = [r for r in records if r.get("counterfactual")]
-        truth_note = None if with_truth else (f"no truth files in {self.truth_dir}: counterfactual and oracle "
-                                              "sections skipped (synthetic cohorts only)")
+        truth_note = (
+            None
+            if with_truth
+            else (
+                f"no truth files in {self.truth_dir}: counterfactual and oracle "
+                "sections skipped (synthetic cohorts only)"
+            )
+        )
         diffusion = factual_section("diffusion")
         baselines: dict[str, Any] = {}
         availability = {
             "deterministic": (self.deterministic is not None, "not provided (set deterministic_ckpt)"),
             "unaware": (self.unaware is not None, "not provided (set unaware_ckpt)"),
             "population": (self.population is not None, self.population_note or "not available"),
-            "regression": (self.regression is not None,
-                           self.regression_note or self.population_note or "not available"),
+            "regression": (
+                self.regression is not None,
+                self.regression_note or self.population_note or "not available",
+            ),
             "reference": (bool(with_truth), truth_note or "not available"),
             "oracle": (bool(with_truth), truth_note or "not available"),
         }
@@ -414,32 +487,44 @@ class Evaluator:
             if method == "regression" and self.regression is not None:
                 section["fit"] = self.regression.summary()
             baselines[method] = section
-        comparisons = {method: paired_comparison(factual, "diffusion", method)
-                       for method, section in baselines.items() if section["available"]}
+        comparisons = {
+            method: paired_comparison(factual, "diffusion", method)
+            for method, section in baselines.items()
+            if section["available"]
+        }
         spatial = summarize_location(factual)
         counterfactual: dict[str, Any] = {"available": bool(with_truth)}
         if with_truth:
             counterfactual.update(summarize_counterfactual(with_truth, "diffusion"))
         else:
             counterfactual["note"] = truth_note
-        return strict_json({
-            "settings": {
-                "datalist": str(self.datalist), "split": self.split, "model": self.model, "arms": self.arms,
-                "num_samples": self.num_samples, "cases_forecast": len(records), "cases_evaluated": len(factual),
-                "cases_with_truth": len(with_truth), "failed_cases": self.failed,
-                "cases_resumed": len(self.resumed), "checkpoints": self.checkpoints,
-                "seconds": round(time.perf_counter() - self._started, 1),
-            },
-            "overall": diffusion["overall"],
-            "per_arm": diffusion["per_arm"],
-            "counterfactual": counterfactual,
-            "spatial": spatial,
-            "baselines": baselines,
-            "comparisons": comparisons,
-            "cases": [case_summary(r) for r in records],
-            "notes": self.notes + [f"{r['id']}: {r['note']}" for r in records if r.get("note")],
-            "conventions": CONVENTIONS,
-        })
+        return strict_json(
+            {
+                "settings": {
+                    "datalist": str(self.datalist),
+                    "split": self.split,
+                    "model": self.model,
+                    "arms": self.arms,
+                    "num_samples": self.num_samples,
+                    "cases_forecast": len(records),
+                    "cases_evaluated": len(factual),
+                    "cases_with_truth": len(with_truth),
+                    "failed_cases": self.failed,
+                    "cases_resumed": len(self.resumed),
+                    "checkpoints": self.checkpoints,
+                    "seconds": round(time.perf_counter() - self._started, 1),
+                },
+                "overall": diffusion["overall"],
+                "per_arm": diffusion["per_arm"],
+                "counterfactual": counterfactual,
+                "spatial": spatial,
+                "baselines": baselines,
+                "comparisons": comparisons,
+                "cases": [case_summary(r) for r in records],
+                "notes": self.notes + [f"{r['id']}: {r['note']}" for r in records if r.get("note")],
+                "conventions": CONVENTIONS,
+            }
+        )
 
     def write(self) -> dict[str, Any]:
         """Write ``metrics.json``, the plots and ``report.md`` into the output folder; returns the metrics."""
@@ -449,14 +534,23 @@ class Evaluator:
         if self.figures:
             figures = evaluation_figures(metrics, self.records, self.output_dir)
         metrics["figures"] = figures
-        write_text_atomic(self.output_dir / "metrics.json",
-                          json.dumps(metrics, indent=2, default=json_default, allow_nan=False))
+        write_text_atomic(
+            self.output_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default, allow_nan=False)
+        )
         write_text_atomic(self.output_dir / "report.md", render_report(metrics))
         o = metrics["overall"]
-        logger.info("evaluated %d case(s): count MAE %s lesions, 90%% coverage %s, activity AUC %s, Dice (active) %s; "
-                    "wrote %s, %s and %d plot(s)", o["n_cases"], fmt(o.get("count_mae")),
-                    fmt(o.get("interval_coverage_90"), percent=True), fmt(o.get("auc")), fmt(o.get("dice_active")),
-                    self.output_dir / "metrics.json", self.output_dir / "report.md", len(figures))
+        logger.info(
+            "evaluated %d case(s): count MAE %s lesions, 90%% coverage %s, activity AUC %s, Dice (active) %s; "
+            "wrote %s, %s and %d plot(s)",
+            o["n_cases"],
+            fmt(o.get("count_mae")),
+            fmt(o.get("interval_coverage_90"), percent=True),
+            fmt(o.get("auc")),
+            fmt(o.get("dice_active")),
+            self.output_dir / "metrics.json",
+            self.output_dir / "report.md",
+            len(figures),
+        )
         return metrics
 
     def run(self, forecaster: ForecastRunner) -> dict[str, Any]:
@@ -486,16 +580,28 @@ class Evaluator:
     def run_key(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """What a scored case depends on (``settings``: :meth:`ForecastRunner.settings`): a case scored under another
         key is forecast and scored again."""
-        return strict_json(json.loads(json.dumps({
-            "datalist": str(self.datalist.resolve()), "split": self.split, "arms": list(settings["arms"]),
-            "num_samples": settings.get("num_samples"), "seed": settings.get("seed"),
-            "num_inference_steps": settings.get("num_inference_steps"),
-            "guidance_scale": settings.get("guidance_scale"), "num_bins": self.num_bins,
-            "distance_mm": self.distance_mm, "truth_dir": str(self.truth_dir.resolve()),
-            "population_datalist": str(self.population_datalist.resolve()),
-            "weights": {method: file_digest(path) for method, path in sorted(self.checkpoints.items())},
-            **self.resume_key,
-        }, default=json_default)))
+        return strict_json(
+            json.loads(
+                json.dumps(
+                    {
+                        "datalist": str(self.datalist.resolve()),
+                        "split": self.split,
+                        "arms": list(settings["arms"]),
+                        "num_samples": settings.get("num_samples"),
+                        "seed": settings.get("seed"),
+                        "num_inference_steps": settings.get("num_inference_steps"),
+                        "guidance_scale": settings.get("guidance_scale"),
+                        "num_bins": self.num_bins,
+                        "distance_mm": self.distance_mm,
+                        "truth_dir": str(self.truth_dir.resolve()),
+                        "population_datalist": str(self.population_datalist.resolve()),
+                        "weights": {method: file_digest(path) for method, path in sorted(self.checkpoints.items())},
+                        **self.resume_key,
+                    },
+                    default=json_default,
+                )
+            )
+        )
 
     def read_back(self) -> list[str]:
         """Add the cases of a previous run with the same key (and still in the split); returns their ids."""
@@ -516,8 +622,10 @@ class Evaluator:
                 self._add(state)
                 resumed.append(state["record"]["id"])
         if resumed:
-            self.notes.append(f"resumed: {len(resumed)} case(s) scored by an earlier run with the same weights and "
-                              f"settings were read back from {folder} (resume=False, or delete it, to redo them)")
+            self.notes.append(
+                f"resumed: {len(resumed)} case(s) scored by an earlier run with the same weights and "
+                f"settings were read back from {folder} (resume=False, or delete it, to redo them)"
+            )
             logger.info("resuming: %d case(s) already scored in %s", len(resumed), folder)
         if other_key:
             logger.info("%d scored case(s) in %s have other weights or settings: scored again", other_key, folder)

@@ -37,8 +37,9 @@ REGION_PRIOR = "region_prior"
 """Name of the generator's region-weights-only map among the scored maps."""
 
 
-def volume_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: list[int], mode: str,
-                   index: int | None = None) -> np.ndarray:
+def volume_on_grid(
+    path: str | os.PathLike, affine: np.ndarray, shape: list[int], mode: str, index: int | None = None
+) -> np.ndarray:
     """A NIfTI volume (of a 4D file: volume ``index``) on the grid (``affine``, ``shape``), resampled with ``mode``
     (``nearest`` for labels, ``bilinear`` for maps) when it lies on another grid."""
     image = nib.load(str(path))
@@ -46,8 +47,14 @@ def volume_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: list[int]
     return on_grid(data[..., index] if index is not None else data, image.affine, affine, shape, mode=mode)
 
 
-def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes: np.ndarray | None,
-              tissue: np.ndarray | None, regions: np.ndarray) -> dict[str, Any]:
+def score_map(
+    prob: np.ndarray,
+    label: np.ndarray,
+    domain: np.ndarray,
+    outcomes: np.ndarray | None,
+    tissue: np.ndarray | None,
+    regions: np.ndarray,
+) -> dict[str, Any]:
     """Location scores of one probability map (all arrays on the same grid; see the module docstring)."""
     prob = np.clip(np.asarray(prob, np.float64), 0.0, 1.0)
     inside = prob[domain]
@@ -64,14 +71,22 @@ def score_map(prob: np.ndarray, label: np.ndarray, domain: np.ndarray, outcomes:
         out["histogram_outcomes"] = probability_histogram(prob, outcomes, domain)
         out["ll_outcomes_sum"] = float(bernoulli_log_likelihood(inside, outcomes[domain]).sum())
     if tissue is not None:
-        out["mass_by_tissue"] = {name: mass_share(prob, tissue == code) for code, name in TISSUE_LABELS.items()
-                                 if code > 0}
+        out["mass_by_tissue"] = {
+            name: mass_share(prob, tissue == code) for code, name in TISSUE_LABELS.items() if code > 0
+        }
     return out
 
 
-def case_location(maps: Mapping[str, np.ndarray], label: np.ndarray, regions: np.ndarray, factual: str,
-                  truth: Mapping[str, Any] | None, truth_root: Path, affine: np.ndarray,
-                  shape: list[int]) -> dict[str, Any]:
+def case_location(
+    maps: Mapping[str, np.ndarray],
+    label: np.ndarray,
+    regions: np.ndarray,
+    factual: str,
+    truth: Mapping[str, Any] | None,
+    truth_root: Path,
+    affine: np.ndarray,
+    shape: list[int],
+) -> dict[str, Any]:
     """Location scores of every map of one case under its factual arm; with a synthetic truth file the domain is
     the generator's parenchyma and the oracle and outcome draws join (when the cohort was written with them)."""
     tissue = outcomes = None
@@ -89,11 +104,22 @@ def case_location(maps: Mapping[str, np.ndarray], label: np.ndarray, regions: np
             scored[name] = np.clip(float(reference["keep_probability"][factual]) * coverage, 0.0, 1.0)
     draws = truth.get("outcome_draws", {})
     if "frequency" in draws:
-        outcomes = np.clip(volume_on_grid(truth_root / draws["frequency"], affine, shape, "bilinear",
-                                          index=list(draws.get("arms", ARMS)).index(factual)), 0.0, 1.0)
+        outcomes = np.clip(
+            volume_on_grid(
+                truth_root / draws["frequency"],
+                affine,
+                shape,
+                "bilinear",
+                index=list(draws.get("arms", ARMS)).index(factual),
+            ),
+            0.0,
+            1.0,
+        )
     out: dict[str, Any] = {
-        "domain": domain_name, "outcome_draws": draws.get("draws") if outcomes is not None else None,
-        "methods": {name: score_map(prob, label, domain, outcomes, tissue, regions) for name, prob in scored.items()}}
+        "domain": domain_name,
+        "outcome_draws": draws.get("draws") if outcomes is not None else None,
+        "methods": {name: score_map(prob, label, domain, outcomes, tissue, regions) for name, prob in scored.items()},
+    }
     if "factual_detection" in draws and truth.get("treatment") == factual:
         out["oracle_sample_lesions"] = draws["factual_detection"]
     return out

@@ -27,8 +27,11 @@ from scripts.runtime.constants import ARMS
 from scripts.runtime.lesions import count_lesions, load_mask, voxel_volume_mm3
 
 COUNT_FEATURES: tuple[tuple[str, str], ...] = (
-    ("net2_count_1", "net2_1"), ("gd_count_0", "gadles_0"), ("gd_count_1", "gadles_1"),
-    ("t2_count_0", "t2les_0"), ("t2_count_1", "t2les_1"),
+    ("net2_count_1", "net2_1"),
+    ("gd_count_0", "gadles_0"),
+    ("gd_count_1", "gadles_1"),
+    ("t2_count_0", "t2les_0"),
+    ("t2_count_1", "t2les_1"),
 )
 """(feature, datalist key of the mask it is counted on); absent masks count 0."""
 VOLUME_FEATURES: tuple[tuple[str, str], ...] = (("t2_volume_ml_0", "t2les_0"), ("t2_volume_ml_1", "t2les_1"))
@@ -51,8 +54,7 @@ def observable_features(case: Mapping[str, Any]) -> dict[str, float]:
 
 def design_row(features: Mapping[str, float], arm: str) -> np.ndarray:
     """Intercept, ``log1p`` of every feature, and one indicator per non-placebo arm."""
-    return np.array([1.0, *(math.log1p(float(features[f])) for f in FEATURES),
-                     *(float(arm == a) for a in ARMS[1:])])
+    return np.array([1.0, *(math.log1p(float(features[f])) for f in FEATURES), *(float(arm == a) for a in ARMS[1:])])
 
 
 @dataclass
@@ -88,8 +90,9 @@ class CountRegression:
         """Expected NET2 count of a case under ``arm`` at ``horizon_weeks``."""
         return float(math.exp(design_row(features, arm) @ self.coefficients + math.log(horizon_weeks)))
 
-    def predict(self, features: Mapping[str, float], arms: Sequence[str],
-                horizon_weeks: float) -> dict[str, ArmPrediction]:
+    def predict(
+        self, features: Mapping[str, float], arms: Sequence[str], horizon_weeks: float
+    ) -> dict[str, ArmPrediction]:
         """The fitted distribution per arm: mean, ``P(active)`` and the central 90% interval."""
         out: dict[str, ArmPrediction] = {}
         tail = (1.0 - INTERVAL_LEVEL) / 2
@@ -104,5 +107,8 @@ class CountRegression:
     def summary(self) -> dict[str, Any]:
         """Coefficients by name (log rate-ratio scale), ``alpha`` and the number of training cases."""
         names = ["intercept", *(f"log1p_{f}" for f in FEATURES), *(f"arm_{a}" for a in ARMS[1:])]
-        return {"coefficients": dict(zip(names, map(float, self.coefficients), strict=True)), "alpha": self.alpha,
-                "n_training_cases": self.n_training_cases}
+        return {
+            "coefficients": dict(zip(names, map(float, self.coefficients), strict=True)),
+            "alpha": self.alpha,
+            "n_training_cases": self.n_training_cases,
+        }

@@ -1,5 +1,4 @@
-"""``report.md``: the Markdown rendering of ``metrics.json``.
-"""
+"""``report.md``: the Markdown rendering of ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -36,10 +35,13 @@ def _cell(m: Mapping[str, Any], key: str, digits: int = 2, percent: bool = False
 
 
 def _undefined_notes(sections: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
-    """"method: metric: reason" for every undefined (not merely inapplicable) entry."""
-    return [f"{label}: {key.replace('_', ' ')} {reason}" for label, m in sections
-            for key, reason in m.get("notes", {}).items()
-            if not str(reason).startswith(NOT_APPLICABLE) and reason != "no case"]
+    """ "method: metric: reason" for every undefined (not merely inapplicable) entry."""
+    return [
+        f"{label}: {key.replace('_', ' ')} {reason}"
+        for label, m in sections
+        for key, reason in m.get("notes", {}).items()
+        if not str(reason).startswith(NOT_APPLICABLE) and reason != "no case"
+    ]
 
 
 def _method_sections(metrics: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -62,22 +64,32 @@ def _key_results(metrics: Mapping[str, Any]) -> list[str]:
     o = metrics["overall"]
     if not o["n_cases"]:
         return []
-    out = [f"- Count: the expected NET2 count differs from the observed count by {fmt(o['count_mae'])} lesions on "
-           f"average (mean true count {fmt(o['mean_true_count'])}, mean expected {fmt(o['mean_expected_count'])})."]
+    out = [
+        f"- Count: the expected NET2 count differs from the observed count by {fmt(o['count_mae'])} lesions on "
+        f"average (mean true count {fmt(o['mean_true_count'])}, mean expected {fmt(o['mean_expected_count'])})."
+    ]
     if o.get("interval_coverage_90") is not None:
-        out.append(f"- Uncertainty: the 90% interval holds the observed count in "
-                   f"{fmt(o['interval_coverage_90'], percent=True)} of cases (90% expected if well calibrated).")
+        out.append(
+            f"- Uncertainty: the 90% interval holds the observed count in "
+            f"{fmt(o['interval_coverage_90'], percent=True)} of cases (90% expected if well calibrated)."
+        )
     if o.get("auc") is not None:
-        out.append(f"- Activity: P(at least one NET2 lesion) separates active from inactive patients with AUC "
-                   f"{fmt(o['auc'])} (0.5 = chance, 1 = perfect).")
+        out.append(
+            f"- Activity: P(at least one NET2 lesion) separates active from inactive patients with AUC "
+            f"{fmt(o['auc'])} (0.5 = chance, 1 = perfect)."
+        )
     if o.get("dice_active") is not None:
-        out.append(f"- Segmentation: mean Dice {fmt(o['dice_active'])} on active cases; lesion-wise recall "
-                   f"{fmt(o.get('lesion_recall'))}, precision {fmt(o.get('lesion_precision'))}.")
+        out.append(
+            f"- Segmentation: mean Dice {fmt(o['dice_active'])} on active cases; lesion-wise recall "
+            f"{fmt(o.get('lesion_recall'))}, precision {fmt(o.get('lesion_precision'))}."
+        )
     cf = metrics.get("counterfactual", {})
     rank = cf.get("ranking", {}).get("cohort", {})
     if cf.get("available") and rank.get("concordance") is not None:
-        out.append(f"- Treatment effects (synthetic truth): {fmt(rank['concordance'], percent=True)} of arm pairs "
-                   "are ordered like their true efficacies over the cohort.")
+        out.append(
+            f"- Treatment effects (synthetic truth): {fmt(rank['concordance'], percent=True)} of arm pairs "
+            "are ordered like their true efficacies over the cohort."
+        )
     return [*out, ""]
 
 
@@ -90,11 +102,22 @@ def _baselines_section(metrics: Mapping[str, Any]) -> list[str]:
     lines.append("")
     rates = metrics["baselines"].get("population", {}).get("rates")
     if rates:
-        lines += [f"Population rates from {rates.get('n_training_cases', 0)} training case(s):", "", _table(
-            ["arm", "training cases", "NET2 lesions per 24 weeks"],
-            [[arm, fmt(rates["n_cases"][arm]),
-              fmt(24 * rate) + (" (pooled: no training case)" if arm in rates["fallback"] else "")]
-             for arm, rate in rates["rate_per_week"].items()]), ""]
+        lines += [
+            f"Population rates from {rates.get('n_training_cases', 0)} training case(s):",
+            "",
+            _table(
+                ["arm", "training cases", "NET2 lesions per 24 weeks"],
+                [
+                    [
+                        arm,
+                        fmt(rates["n_cases"][arm]),
+                        fmt(24 * rate) + (" (pooled: no training case)" if arm in rates["fallback"] else ""),
+                    ]
+                    for arm, rate in rates["rate_per_week"].items()
+                ],
+            ),
+            "",
+        ]
     return lines
 
 
@@ -108,16 +131,39 @@ def _comparisons_section(metrics: Mapping[str, Any]) -> list[str]:
     if not comparisons:
         return []
     first = next(iter(comparisons.values()))
-    return ["Diffusion model minus baseline on the same cases (95% paired-bootstrap interval, "
-            f"{first['n_resamples']} resamples of the cases; 'better' = share of resamples in which the diffusion "
-            "model is better). A count MAE difference below 0 and an AUC difference above 0 favour the diffusion "
-            "model; an interval that excludes 0 is a difference this cohort resolves.", "", _table(
-                ["baseline", "n", "count MAE difference (lesions)", "95% interval", "better",
-                 "activity AUC difference", "95% interval", "better"],
-                [[metrics["baselines"][m]["label"], fmt(c["n_cases"]), fmt(c.get("mae_difference")),
-                  _interval(c.get("mae_difference_ci95")), fmt(c.get("mae_share_better"), percent=True),
-                  fmt(c.get("auc_difference")), _interval(c.get("auc_difference_ci95")),
-                  fmt(c.get("auc_share_better"), percent=True)] for m, c in comparisons.items()]), ""]
+    return [
+        "Diffusion model minus baseline on the same cases (95% paired-bootstrap interval, "
+        f"{first['n_resamples']} resamples of the cases; 'better' = share of resamples in which the diffusion "
+        "model is better). A count MAE difference below 0 and an AUC difference above 0 favour the diffusion "
+        "model; an interval that excludes 0 is a difference this cohort resolves.",
+        "",
+        _table(
+            [
+                "baseline",
+                "n",
+                "count MAE difference (lesions)",
+                "95% interval",
+                "better",
+                "activity AUC difference",
+                "95% interval",
+                "better",
+            ],
+            [
+                [
+                    metrics["baselines"][m]["label"],
+                    fmt(c["n_cases"]),
+                    fmt(c.get("mae_difference")),
+                    _interval(c.get("mae_difference_ci95")),
+                    fmt(c.get("mae_share_better"), percent=True),
+                    fmt(c.get("auc_difference")),
+                    _interval(c.get("auc_difference_ci95")),
+                    fmt(c.get("auc_share_better"), percent=True),
+                ]
+                for m, c in comparisons.items()
+            ],
+        ),
+        "",
+    ]
 
 
 def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
@@ -125,57 +171,103 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
     sp = metrics.get("spatial") or {}
     if not sp.get("n_cases"):
         return []
-    labels = {**METHOD_LABELS, "location_oracle": "location oracle: generator's true probability given the past",
-              "region_prior": "region prior: generator's region weights only"}
+    labels = {
+        **METHOD_LABELS,
+        "location_oracle": "location oracle: generator's true probability given the past",
+        "region_prior": "region prior: generator's region weights only",
+    }
     rows, region_rows = [], []
     regions = list(dict.fromkeys(k for m in sp["methods"].values() for k in (m.get("mass_by_region") or {})))
     for name, m in sp["methods"].items():
         ratio = m.get("ap_ratio_to_oracle") or {}
         tissue = m.get("mass_by_tissue") or {}
-        rows.append([labels.get(name, name), fmt(m["n_cases"]), fmt(m.get("ap_truth_mean"), 4),
-                     fmt(m.get("ap_truth_pooled"), 4), fmt(m.get("ap_outcomes_mean"), 4),
-                     fmt(m.get("ap_outcomes_pooled"), 4), fmt(ratio.get("ap_outcomes_mean")),
-                     fmt(ratio.get("ap_outcomes_pooled")),
-                     fmt(m.get("ll_truth_per_voxel"), 5), fmt(m.get("ll_outcomes_per_voxel"), 5),
-                     fmt(m.get("mass_outside_domain_mean"), percent=True),
-                     fmt(tissue.get("white_matter"), percent=True), fmt(tissue.get("cortical_gm"), percent=True)])
+        rows.append(
+            [
+                labels.get(name, name),
+                fmt(m["n_cases"]),
+                fmt(m.get("ap_truth_mean"), 4),
+                fmt(m.get("ap_truth_pooled"), 4),
+                fmt(m.get("ap_outcomes_mean"), 4),
+                fmt(m.get("ap_outcomes_pooled"), 4),
+                fmt(ratio.get("ap_outcomes_mean")),
+                fmt(ratio.get("ap_outcomes_pooled")),
+                fmt(m.get("ll_truth_per_voxel"), 5),
+                fmt(m.get("ll_outcomes_per_voxel"), 5),
+                fmt(m.get("mass_outside_domain_mean"), percent=True),
+                fmt(tissue.get("white_matter"), percent=True),
+                fmt(tissue.get("cortical_gm"), percent=True),
+            ]
+        )
         by_region = m.get("mass_by_region") or {}
-        region_rows.append([labels.get(name, name), *(fmt(by_region.get(r), percent=True) for r in regions),
-                            fmt(1.0 - sum(v for v in by_region.values() if v is not None), percent=True)
-                            if by_region else "–"])
+        region_rows.append(
+            [
+                labels.get(name, name),
+                *(fmt(by_region.get(r), percent=True) for r in regions),
+                fmt(1.0 - sum(v for v in by_region.values() if v is not None), percent=True) if by_region else "–",
+            ]
+        )
     sizes = sp["lesion_sizes"]
 
     def size_text(kind: str) -> str:
         s = sizes[kind]
-        return (f"median {fmt(s['median_voxels'], 1)} voxels, {fmt(s['single_voxel_share'], percent=True)} single "
-                f"voxels ({s['lesions']} lesions)")
+        return (
+            f"median {fmt(s['median_voxels'], 1)} voxels, {fmt(s['single_voxel_share'], percent=True)} single "
+            f"voxels ({s['lesions']} lesions)"
+        )
 
     lines = [
-        "## Where the probability lies", "",
+        "## Where the probability lies",
+        "",
         f"Factual arm, {sp['n_cases']} case(s); domain: {'; '.join(sp['domain'])}. AP: voxel average precision "
         "of the map on the domain, within case (mean of the cases' APs) and pooled over the cases, against the "
         "realised NET2 mask and against the share of independent outcome draws with a lesion (when the cohort "
         "holds them); ratios to the location oracle's AP against the outcome draws; LL: mean log-likelihood per "
-        "domain voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.", "",
-        _table(["map", "n", "AP vs truth, within case", "AP vs truth, pooled", "AP vs outcome draws, within case",
-                "AP vs outcome draws, pooled", "AP ratio to oracle, within case", "AP ratio to oracle, pooled",
-                "LL vs truth", "LL vs outcome draws", "mass outside domain", "mass in white matter",
-                "mass in cortex"], rows), "",
+        "domain voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.",
+        "",
+        _table(
+            [
+                "map",
+                "n",
+                "AP vs truth, within case",
+                "AP vs truth, pooled",
+                "AP vs outcome draws, within case",
+                "AP vs outcome draws, pooled",
+                "AP ratio to oracle, within case",
+                "AP ratio to oracle, pooled",
+                "LL vs truth",
+                "LL vs outcome draws",
+                "mass outside domain",
+                "mass in white matter",
+                "mass in cortex",
+            ],
+            rows,
+        ),
+        "",
     ]
     if regions:
-        lines += ["Share of each map's probability mass by region (region map of the case's images; the rest lies "
-                  "outside every region):", "",
-                  _table(["map", *(r.replace("_", " ") for r in regions), "elsewhere"], region_rows), ""]
-    lines += [f"Lesion sizes: sampled lesions (diffusion model, working grid) {size_text('sampled')}; true lesions "
-              f"{size_text('true')}.", ""]
+        lines += [
+            "Share of each map's probability mass by region (region map of the case's images; the rest lies "
+            "outside every region):",
+            "",
+            _table(["map", *(r.replace("_", " ") for r in regions), "elsewhere"], region_rows),
+            "",
+        ]
+    lines += [
+        f"Lesion sizes: sampled lesions (diffusion model, working grid) {size_text('sampled')}; true lesions "
+        f"{size_text('true')}.",
+        "",
+    ]
     ceiling = sp.get("oracle_sample_lesions")
     if ceiling:
-        lines += [f"Per-sample lesion detection of the oracle (the cohort's {ceiling['n_samples']} outcome draws of "
-                  f"{ceiling['n_cases']} case(s) scored as samples against the realised mask): precision "
-                  f"{fmt(ceiling['precision'], 3)}, recall {fmt(ceiling['recall'], 3)}, F1 {fmt(ceiling['f1'], 3)} "
-                  f"({ceiling['tp']} of {ceiling['true_lesions']} true lesion instances hit by "
-                  f"{ceiling['forecast_lesions']} drawn lesions): the ceiling of the per-sample lesion F1 on this "
-                  "bench.", ""]
+        lines += [
+            f"Per-sample lesion detection of the oracle (the cohort's {ceiling['n_samples']} outcome draws of "
+            f"{ceiling['n_cases']} case(s) scored as samples against the realised mask): precision "
+            f"{fmt(ceiling['precision'], 3)}, recall {fmt(ceiling['recall'], 3)}, F1 {fmt(ceiling['f1'], 3)} "
+            f"({ceiling['tp']} of {ceiling['true_lesions']} true lesion instances hit by "
+            f"{ceiling['forecast_lesions']} drawn lesions): the ceiling of the per-sample lesion F1 on this "
+            "bench.",
+            "",
+        ]
     return lines
 
 
@@ -201,33 +293,88 @@ def render_report(metrics: Mapping[str, Any]) -> str:
         lines += ["## Key results (diffusion model)", "", *key]
     if s.get("failed_cases"):
         lines += ["**Failed cases (not evaluated):**", "", *[f"- {f}" for f in s["failed_cases"]], ""]
-    lines += ["## Factual forecasts: all cases", "",
-              "Each case's forecast under the treatment it received, against the observed NET2 mask.", ""]
+    lines += [
+        "## Factual forecasts: all cases",
+        "",
+        "Each case's forecast under the treatment it received, against the observed NET2 mask.",
+        "",
+    ]
     sections = _method_sections(metrics)
-    lines.append(_table(
-        ["method", "n", "Dice, active cases (0-1)", "Dice, all cases (0-1)", "lesion precision", "lesion recall",
-         "lesion F1", "count MAE (lesions)", "count Spearman", "90% interval coverage (nominal 90%)"],
-        [[label, fmt(m["n_cases"]), _cell(m, "dice_active"), _cell(m, "dice_all"), _cell(m, "lesion_precision"),
-          _cell(m, "lesion_recall"), _cell(m, "lesion_f1"), _cell(m, "count_mae"), _cell(m, "count_spearman"),
-          _cell(m, "interval_coverage_90", percent=True)] for label, m in sections]))
-    lines += ["", _table(
-        ["method", "activity AUC", "activity average precision", "balanced accuracy (P >= 0.5)",
-         "voxel ECE (0-1)", "GED (0-2)", "lesion precision, per sample", "lesion recall, per sample",
-         "lesion F1, per sample"],
-        [[label, _cell(m, "auc"), _cell(m, "average_precision"), _cell(m, "balanced_accuracy"),
-          _cell(m, "ece", 4), _cell(m, "ged_mean"), _cell(m, "sample_lesion_precision"),
-          _cell(m, "sample_lesion_recall"), _cell(m, "sample_lesion_f1")] for label, m in sections]), "",
+    lines.append(
+        _table(
+            [
+                "method",
+                "n",
+                "Dice, active cases (0-1)",
+                "Dice, all cases (0-1)",
+                "lesion precision",
+                "lesion recall",
+                "lesion F1",
+                "count MAE (lesions)",
+                "count Spearman",
+                "90% interval coverage (nominal 90%)",
+            ],
+            [
+                [
+                    label,
+                    fmt(m["n_cases"]),
+                    _cell(m, "dice_active"),
+                    _cell(m, "dice_all"),
+                    _cell(m, "lesion_precision"),
+                    _cell(m, "lesion_recall"),
+                    _cell(m, "lesion_f1"),
+                    _cell(m, "count_mae"),
+                    _cell(m, "count_spearman"),
+                    _cell(m, "interval_coverage_90", percent=True),
+                ]
+                for label, m in sections
+            ],
+        )
+    )
+    lines += [
+        "",
+        _table(
+            [
+                "method",
+                "activity AUC",
+                "activity average precision",
+                "balanced accuracy (P >= 0.5)",
+                "voxel ECE (0-1)",
+                "GED (0-2)",
+                "lesion precision, per sample",
+                "lesion recall, per sample",
+                "lesion F1, per sample",
+            ],
+            [
+                [
+                    label,
+                    _cell(m, "auc"),
+                    _cell(m, "average_precision"),
+                    _cell(m, "balanced_accuracy"),
+                    _cell(m, "ece", 4),
+                    _cell(m, "ged_mean"),
+                    _cell(m, "sample_lesion_precision"),
+                    _cell(m, "sample_lesion_recall"),
+                    _cell(m, "sample_lesion_f1"),
+                ]
+                for label, m in sections
+            ],
+        ),
+        "",
         "Per sample: every sampled forecast mask against the observed mask, lesion-wise, pooled over samples and "
         "cases (the deterministic network's one mask counts as one sample); the columns 'lesion precision/recall/"
-        "F1' above score the forecast mask (voxels with probability >= 0.5).", ""]
+        "F1' above score the forecast mask (voxels with probability >= 0.5).",
+        "",
+    ]
     lines += ["n/a: the method does not produce this (e.g. no lesion mask for the count-only baselines).", ""]
     notes = _undefined_notes(sections)
     if not o["n_cases"]:
         lines += ["No case with an observed outcome was evaluated.", ""]
     if notes:
         lines += ["Undefined entries (–): " + "; ".join(notes) + ".", ""]
-    not_provided = [f"{sec['label']}: {sec.get('note')}" for sec in metrics["baselines"].values()
-                    if not sec.get("available")]
+    not_provided = [
+        f"{sec['label']}: {sec.get('note')}" for sec in metrics["baselines"].values() if not sec.get("available")
+    ]
     if not_provided:
         lines += ["Baselines not in the tables: " + "; ".join(not_provided) + ".", ""]
     lines += _comparisons_section(metrics)
@@ -235,14 +382,39 @@ def render_report(metrics: Mapping[str, Any]) -> str:
 
     lines += ["## Factual forecasts by treatment arm (diffusion model)", ""]
     if metrics["per_arm"]:
-        lines.append(_table(
-            ["arm", "n", "active", "mean true count (lesions)", "mean expected count (lesions)",
-             "count MAE (lesions)", "90% coverage", "Dice, active cases", "lesion F1", "AUC", "ECE"],
-            [[arm, fmt(m["n_cases"]), fmt(m["n_active"]), fmt(m.get("mean_true_count")),
-              fmt(m.get("mean_expected_count")), fmt(m.get("count_mae")),
-              fmt(m.get("interval_coverage_90"), percent=True), fmt(m.get("dice_active")),
-              fmt(m.get("lesion_f1")), fmt(m.get("auc")), fmt(m.get("ece"), 4)]
-             for arm, m in metrics["per_arm"].items()]))
+        lines.append(
+            _table(
+                [
+                    "arm",
+                    "n",
+                    "active",
+                    "mean true count (lesions)",
+                    "mean expected count (lesions)",
+                    "count MAE (lesions)",
+                    "90% coverage",
+                    "Dice, active cases",
+                    "lesion F1",
+                    "AUC",
+                    "ECE",
+                ],
+                [
+                    [
+                        arm,
+                        fmt(m["n_cases"]),
+                        fmt(m["n_active"]),
+                        fmt(m.get("mean_true_count")),
+                        fmt(m.get("mean_expected_count")),
+                        fmt(m.get("count_mae")),
+                        fmt(m.get("interval_coverage_90"), percent=True),
+                        fmt(m.get("dice_active")),
+                        fmt(m.get("lesion_f1")),
+                        fmt(m.get("auc")),
+                        fmt(m.get("ece"), 4),
+                    ]
+                    for arm, m in metrics["per_arm"].items()
+                ],
+            )
+        )
         lines.append("")
     else:
         lines += ["No evaluated case.", ""]
@@ -258,20 +430,35 @@ def render_report(metrics: Mapping[str, Any]) -> str:
             f"{fmt(loc['share_within'], percent=True)} of true lesions have a forecast lesion within "
             f"{loc['within_mm']:g} mm. Detection by region (lesion-wise, pooled over cases):",
             "",
-            _table(["region", "true lesions", "detected", "recall", "forecast lesions", "matched", "precision"],
-                   [[r.replace("_", " "), fmt(v["true_lesions"]), fmt(v["detected"]), fmt(v["recall"]),
-                     fmt(v["forecast_lesions"]), fmt(v["matched"]), fmt(v["precision"])]
-                    for r, v in loc["detection_by_region"].items()]),
+            _table(
+                ["region", "true lesions", "detected", "recall", "forecast lesions", "matched", "precision"],
+                [
+                    [
+                        r.replace("_", " "),
+                        fmt(v["true_lesions"]),
+                        fmt(v["detected"]),
+                        fmt(v["recall"]),
+                        fmt(v["forecast_lesions"]),
+                        fmt(v["matched"]),
+                        fmt(v["precision"]),
+                    ]
+                    for r, v in loc["detection_by_region"].items()
+                ],
+            ),
             "",
         ]
     else:
         lines += ["No forecast mask evaluated.", ""]
 
-    lines += ["## Uncertainty", "",
-              f"Voxel calibration of the diffusion model: ECE {fmt(o.get('ece'), 4)} (0 = perfectly calibrated). "
-              f"Generalized energy distance between forecast samples and the truth: {fmt(o.get('ged_mean'))} "
-              "(0 = samples identical to the truth; 2 = no overlap at all).", "",
-              *_images(metrics, ("reliability", "reliability diagram"))]
+    lines += [
+        "## Uncertainty",
+        "",
+        f"Voxel calibration of the diffusion model: ECE {fmt(o.get('ece'), 4)} (0 = perfectly calibrated). "
+        f"Generalized energy distance between forecast samples and the truth: {fmt(o.get('ged_mean'))} "
+        "(0 = samples identical to the truth; 2 = no overlap at all).",
+        "",
+        *_images(metrics, ("reliability", "reliability diagram")),
+    ]
 
     cf = metrics["counterfactual"]
     lines += ["## Counterfactual forecasts (synthetic truth)", ""]
@@ -280,45 +467,115 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     else:
         lines += [
             "Every arm of every case against the generator's true expected NET2 count and true counterfactual mask "
-            "(the same patient under another treatment). Ratio and difference are against placebo.", "",
-            _table(["arm", "n", "mean predicted count (lesions)", "mean true expected count (lesions)",
-                    "count MAE (lesions)", "predicted cohort rate ratio", "true cohort rate ratio",
-                    "ratio MAE (per case)", "difference MAE (lesions)", "Dice vs true mask", "lesion F1"],
-                   [[arm, fmt(v["n_cases"]), fmt(v["mean_predicted_count"]), fmt(v["mean_true_expected_count"]),
-                     fmt(v["count_mae"]), fmt(v.get("cohort_rate_ratio_predicted")),
-                     fmt(v.get("cohort_rate_ratio_true")), fmt(v["ratio_mae"]), fmt(v["difference_mae"]),
-                     fmt(v["dice_mean"]), fmt(v["lesion_f1_mean"])] for arm, v in cf["per_arm"].items()]),
+            "(the same patient under another treatment). Ratio and difference are against placebo.",
+            "",
+            _table(
+                [
+                    "arm",
+                    "n",
+                    "mean predicted count (lesions)",
+                    "mean true expected count (lesions)",
+                    "count MAE (lesions)",
+                    "predicted cohort rate ratio",
+                    "true cohort rate ratio",
+                    "ratio MAE (per case)",
+                    "difference MAE (lesions)",
+                    "Dice vs true mask",
+                    "lesion F1",
+                ],
+                [
+                    [
+                        arm,
+                        fmt(v["n_cases"]),
+                        fmt(v["mean_predicted_count"]),
+                        fmt(v["mean_true_expected_count"]),
+                        fmt(v["count_mae"]),
+                        fmt(v.get("cohort_rate_ratio_predicted")),
+                        fmt(v.get("cohort_rate_ratio_true")),
+                        fmt(v["ratio_mae"]),
+                        fmt(v["difference_mae"]),
+                        fmt(v["dice_mean"]),
+                        fmt(v["lesion_f1_mean"]),
+                    ]
+                    for arm, v in cf["per_arm"].items()
+                ],
+            ),
             "",
         ]
         rows = []
         for label, method_cf in [(METHOD_LABELS["diffusion"], cf)] + [
-                (sec["label"], sec["counterfactual"]) for sec in metrics["baselines"].values()
-                if sec.get("available") and sec.get("counterfactual")]:
+            (sec["label"], sec["counterfactual"])
+            for sec in metrics["baselines"].values()
+            if sec.get("available") and sec.get("counterfactual")
+        ]:
             rank = method_cf.get("ranking", {})
             cohort = rank.get("cohort", {})
             allarms = method_cf.get("all_arms", {})
-            rows.append([label, fmt(allarms.get("count_mae")), fmt(allarms.get("count_spearman")),
-                         fmt(rank.get("case_mean_concordance"), percent=True),
-                         fmt(rank.get("share_exactly_ranked"), percent=True), fmt(cohort.get("concordance"),
-                                                                                     percent=True),
-                         cohort.get("predicted_order_text") or "–"])
-        lines += [_table(["method", "count MAE, all arms (lesions)", "Spearman, all arms",
-                          "arm pairs ranked right (per case)", "cases ranked exactly", "arm pairs ranked right "
-                          "(cohort)", "predicted order, strongest first (cohort)"], rows), "",
-                  f"True order, strongest first: {cf['ranking']['cohort'].get('true_order_text') or '–'}.",
-                  "", *_images(metrics, ("effects", "effects against placebo"))]
+            rows.append(
+                [
+                    label,
+                    fmt(allarms.get("count_mae")),
+                    fmt(allarms.get("count_spearman")),
+                    fmt(rank.get("case_mean_concordance"), percent=True),
+                    fmt(rank.get("share_exactly_ranked"), percent=True),
+                    fmt(cohort.get("concordance"), percent=True),
+                    cohort.get("predicted_order_text") or "–",
+                ]
+            )
+        lines += [
+            _table(
+                [
+                    "method",
+                    "count MAE, all arms (lesions)",
+                    "Spearman, all arms",
+                    "arm pairs ranked right (per case)",
+                    "cases ranked exactly",
+                    "arm pairs ranked right (cohort)",
+                    "predicted order, strongest first (cohort)",
+                ],
+                rows,
+            ),
+            "",
+            f"True order, strongest first: {cf['ranking']['cohort'].get('true_order_text') or '–'}.",
+            "",
+            *_images(metrics, ("effects", "effects against placebo")),
+        ]
 
     lines += _baselines_section(metrics)
-    lines += ["## Cases", "", _table(
-        ["case", "arm", "horizon (weeks)", "true count", "expected count", "90% interval", "P(active)", "Dice",
-         "lesion F1"],
-        [[c["id"], c.get("treatment") or "–", fmt(c.get("horizon_weeks"), 0), fmt(c.get("true_count")),
-          fmt(c["methods"].get("diffusion", {}).get("expected_count")),
-          "–" if c["methods"].get("diffusion", {}).get("interval_90") is None else
-          "{:g}-{:g}".format(*c["methods"]["diffusion"]["interval_90"]),
-          fmt(c["methods"].get("diffusion", {}).get("p_active")),
-          fmt(c["methods"].get("diffusion", {}).get("dice")), fmt(c["methods"].get("diffusion", {}).get("f1"))]
-         for c in metrics["cases"]]), ""]
+    lines += [
+        "## Cases",
+        "",
+        _table(
+            [
+                "case",
+                "arm",
+                "horizon (weeks)",
+                "true count",
+                "expected count",
+                "90% interval",
+                "P(active)",
+                "Dice",
+                "lesion F1",
+            ],
+            [
+                [
+                    c["id"],
+                    c.get("treatment") or "–",
+                    fmt(c.get("horizon_weeks"), 0),
+                    fmt(c.get("true_count")),
+                    fmt(c["methods"].get("diffusion", {}).get("expected_count")),
+                    "–"
+                    if c["methods"].get("diffusion", {}).get("interval_90") is None
+                    else "{:g}-{:g}".format(*c["methods"]["diffusion"]["interval_90"]),
+                    fmt(c["methods"].get("diffusion", {}).get("p_active")),
+                    fmt(c["methods"].get("diffusion", {}).get("dice")),
+                    fmt(c["methods"].get("diffusion", {}).get("f1")),
+                ]
+                for c in metrics["cases"]
+            ],
+        ),
+        "",
+    ]
     if metrics.get("notes"):
         lines += ["Notes:", "", *[f"- {n}" for n in metrics["notes"]], ""]
     lines += ["## Conventions", "", *[f"- **{k}**: {v}" for k, v in metrics["conventions"].items()], ""]

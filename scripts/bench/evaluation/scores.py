@@ -56,8 +56,14 @@ def activity_metrics(p_active: Sequence[float], active: Sequence[bool], threshol
     """AUC, average precision and balanced accuracy (at ``threshold``) of P(active) against true activity."""
 
     p, y = np.asarray(p_active, dtype=np.float64), np.asarray(active, dtype=bool)
-    out: dict[str, Any] = {"n": int(y.size), "n_active": int(y.sum()), "auc": None, "average_precision": None,
-                           "balanced_accuracy": None, "notes": {}}
+    out: dict[str, Any] = {
+        "n": int(y.size),
+        "n_active": int(y.sum()),
+        "auc": None,
+        "average_precision": None,
+        "balanced_accuracy": None,
+        "notes": {},
+    }
     if y.size == 0:
         out["notes"]["auc"] = "no case"
     elif y.all() or not y.any():
@@ -84,19 +90,32 @@ def interval_coverage(intervals: Sequence[Sequence[float] | None], true: Sequenc
     return float(np.mean(hits)) if hits else None
 
 
-def paired_comparison(records: Sequence[Mapping[str, Any]], method: str, baseline: str,
-                      n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+def paired_comparison(
+    records: Sequence[Mapping[str, Any]], method: str, baseline: str, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, Any]:
     """``method`` against ``baseline`` on the same factual cases: count MAE and activity AUC differences with 95%
     paired-bootstrap intervals (cases resampled with replacement, seeded; resamples with one class skip the AUC).
 
     ``mae_difference`` < 0 and ``auc_difference`` > 0 favour ``method``; ``*_share_better`` is the share of
     resamples in which ``method`` is strictly better."""
 
-    rows = [(r, r["methods"][method], r["methods"][baseline]) for r in records
-            if method in r.get("methods", {}) and baseline in r.get("methods", {})]
-    out: dict[str, Any] = {"n_cases": len(rows), "n_resamples": int(n_boot), "seed": int(seed),
-                           "mae_difference": None, "mae_difference_ci95": None, "mae_share_better": None,
-                           "auc_difference": None, "auc_difference_ci95": None, "auc_share_better": None, "notes": {}}
+    rows = [
+        (r, r["methods"][method], r["methods"][baseline])
+        for r in records
+        if method in r.get("methods", {}) and baseline in r.get("methods", {})
+    ]
+    out: dict[str, Any] = {
+        "n_cases": len(rows),
+        "n_resamples": int(n_boot),
+        "seed": int(seed),
+        "mae_difference": None,
+        "mae_difference_ci95": None,
+        "mae_share_better": None,
+        "auc_difference": None,
+        "auc_difference_ci95": None,
+        "auc_share_better": None,
+        "notes": {},
+    }
     if not rows:
         out["notes"]["mae_difference"] = "no case with both methods"
         return out
@@ -116,8 +135,11 @@ def paired_comparison(records: Sequence[Mapping[str, Any]], method: str, baselin
         out["notes"]["auc_difference"] = "undefined: only one class of activity"
         return out
     out["auc_difference"] = float(roc_auc_score(active, p_a) - roc_auc_score(active, p_b))
-    auc_diff = [roc_auc_score(active[i], p_a[i]) - roc_auc_score(active[i], p_b[i])
-                for i in idx if active[i].any() and not active[i].all()]
+    auc_diff = [
+        roc_auc_score(active[i], p_a[i]) - roc_auc_score(active[i], p_b[i])
+        for i in idx
+        if active[i].any() and not active[i].all()
+    ]
     out["auc_difference_ci95"] = [float(q) for q in np.quantile(auc_diff, [0.025, 0.975])]
     out["auc_share_better"] = float(np.mean(np.asarray(auc_diff) > 0))
     return out
@@ -207,9 +229,15 @@ class ReliabilityAccumulator:
         out = []
         for i in range(self.num_bins):
             n = int(self.count[i])
-            out.append({"lower": float(edges[i]), "upper": float(edges[i + 1]), "voxels": n,
-                        "mean_probability": float(self.sum_prob[i] / n) if n else None,
-                        "observed_frequency": float(self.sum_true[i] / n) if n else None})
+            out.append(
+                {
+                    "lower": float(edges[i]),
+                    "upper": float(edges[i + 1]),
+                    "voxels": n,
+                    "mean_probability": float(self.sum_prob[i] / n) if n else None,
+                    "observed_frequency": float(self.sum_true[i] / n) if n else None,
+                }
+            )
         return out
 
 
@@ -220,8 +248,9 @@ def expected_calibration_error(prob: np.ndarray, truth: np.ndarray, num_bins: in
     return acc.ece()
 
 
-def ranking_agreement(predicted: Mapping[str, float], strength: Mapping[str, float],
-                      tol: float = 1e-9) -> dict[str, Any]:
+def ranking_agreement(
+    predicted: Mapping[str, float], strength: Mapping[str, float], tol: float = 1e-9
+) -> dict[str, Any]:
     """How well predicted counts rank arms by their true strength (efficacy: higher = fewer lesions).
 
     Over pairs of arms whose true strengths differ by more than ``tol``: 1 when the stronger arm has the lower
@@ -231,7 +260,7 @@ def ranking_agreement(predicted: Mapping[str, float], strength: Mapping[str, flo
     arms = [a for a in predicted if a in strength and predicted[a] is not None]
     scores = []
     for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
+        for b in arms[i + 1 :]:
             if abs(strength[a] - strength[b]) <= tol:
                 continue
             strong, weak = (a, b) if strength[a] > strength[b] else (b, a)
@@ -278,12 +307,17 @@ def population_rates(observations: Iterable[tuple[str, float, int]]) -> dict[str
         raise ValueError("no training case with a treatment, a horizon and a label")
     pooled = sum(counts.values()) / total_weeks
     rate = {arm: counts[arm] / weeks[arm] if weeks.get(arm, 0) > 0 else pooled for arm in ARMS}
-    return {"rate_per_week": rate, "pooled_rate_per_week": pooled, "n_cases": {a: cases.get(a, 0) for a in ARMS},
-            "fallback": [a for a in ARMS if weeks.get(a, 0) <= 0]}
+    return {
+        "rate_per_week": rate,
+        "pooled_rate_per_week": pooled,
+        "n_cases": {a: cases.get(a, 0) for a in ARMS},
+        "fallback": [a for a in ARMS if weeks.get(a, 0) <= 0],
+    }
 
 
-def lesion_table(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray,
-                 regions: np.ndarray | None = None) -> dict[str, Any]:
+def lesion_table(
+    pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, regions: np.ndarray | None = None
+) -> dict[str, Any]:
     """Lesion-wise comparison of a forecast mask with a truth mask (same grid), with the scripts.lesions conventions.
 
     Returns tp/fp/fn, precision/recall/f1/dice as :func:`scripts.runtime.lesions.match_lesions`, plus per true lesion
@@ -302,11 +336,24 @@ def lesion_table(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray,
         nearest = np.linalg.norm(ref_c[:, None, :] - pred_c[None, :, :], axis=-1).min(1)
         distances = [round(float(d), 3) for d in nearest]
     return {
-        "tp": match.tp, "fp": match.fp, "fn": match.fn, "n_forecast_lesions": n_pred, "n_true_lesions": n_ref,
-        "matched_forecast_lesions": int(match.matched.sum()), "precision": match.precision, "recall": match.recall,
-        "f1": match.f1, "dice": dice(pred, ref),
-        "true_lesions": [{"detected": bool(match.detected[i]), "distance_mm": distances[i],
-                          "centroid_mm": [round(float(c), 3) for c in ref_c[i]]} for i in range(n_ref)],
+        "tp": match.tp,
+        "fp": match.fp,
+        "fn": match.fn,
+        "n_forecast_lesions": n_pred,
+        "n_true_lesions": n_ref,
+        "matched_forecast_lesions": int(match.matched.sum()),
+        "precision": match.precision,
+        "recall": match.recall,
+        "f1": match.f1,
+        "dice": dice(pred, ref),
+        "true_lesions": [
+            {
+                "detected": bool(match.detected[i]),
+                "distance_mm": distances[i],
+                "centroid_mm": [round(float(c), 3) for c in ref_c[i]],
+            }
+            for i in range(n_ref)
+        ],
         "forecast_lesions": [{"matched": bool(flag)} for flag in match.matched],
         **_regions_of(pred, ref, regions),
     }
@@ -384,8 +431,12 @@ def size_summary(sizes: Sequence[int]) -> dict[str, Any]:
     if not len(sizes):
         return {"lesions": 0, "median_voxels": None, "mean_voxels": None, "single_voxel_share": None}
     arr = np.asarray(sizes)
-    return {"lesions": int(arr.size), "median_voxels": float(np.median(arr)), "mean_voxels": float(arr.mean()),
-            "single_voxel_share": float((arr == 1).mean())}
+    return {
+        "lesions": int(arr.size),
+        "median_voxels": float(np.median(arr)),
+        "mean_voxels": float(arr.mean()),
+        "single_voxel_share": float((arr == 1).mean()),
+    }
 
 
 def lesion_sizes(masks: Iterable[np.ndarray]) -> dict[str, Any]:
@@ -404,8 +455,11 @@ def probability_histogram(prob: np.ndarray, target: np.ndarray, where: np.ndarra
     many cases without keeping their voxels."""
     p, t = _voxels(prob, target, where)
     decades = -math.log10(PROBABILITY_FLOOR)
-    index = np.where(p < PROBABILITY_FLOOR, 0, 1 + np.floor(
-        (np.log10(np.maximum(p, PROBABILITY_FLOOR)) + decades) * PROBABILITY_BINS_PER_DECADE)).astype(np.int64)
+    index = np.where(
+        p < PROBABILITY_FLOOR,
+        0,
+        1 + np.floor((np.log10(np.maximum(p, PROBABILITY_FLOOR)) + decades) * PROBABILITY_BINS_PER_DECADE),
+    ).astype(np.int64)
     index = np.minimum(index, int(decades * PROBABILITY_BINS_PER_DECADE))
     positive = np.bincount(index, weights=t)
     negative = np.bincount(index, weights=1.0 - t)

@@ -1,5 +1,4 @@
-"""Strict JSON and the digests the evaluation's resume key is made of.
-"""
+"""Strict JSON and the digests the evaluation's resume key is made of."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Aggregation of the per-case records of the evaluation into the sections of ``metrics.json``.
-"""
+"""Aggregation of the per-case records of the evaluation into the sections of ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -35,8 +34,16 @@ def pooled_detection(tables: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if n_pred or n_true:  # scripts.lesions conventions: precision 1 without forecast, recall 1 without true lesions
         p, r = (1.0 if precision is None else precision), (1.0 if recall is None else recall)
         f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-    return {"true_lesions": n_true, "forecast_lesions": n_pred, "tp": tp, "fp": n_pred - matched, "fn": n_true - tp,
-            "precision": precision, "recall": recall, "f1": f1}
+    return {
+        "true_lesions": n_true,
+        "forecast_lesions": n_pred,
+        "tp": tp,
+        "fp": n_pred - matched,
+        "fn": n_true - tp,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }
 
 
 def location_summary(tables: Sequence[Mapping[str, Any]], distance_mm: float) -> dict[str, Any]:
@@ -44,16 +51,28 @@ def location_summary(tables: Sequence[Mapping[str, Any]], distance_mm: float) ->
     distances = [les["distance_mm"] for les in lesions if les["distance_mm"] is not None]
     by_region: dict[str, dict[str, Any]] = {}
     for region in REGIONS:
-        true = [les for t in tables for les, r in zip(t["true_lesions"], t.get("true_regions", []), strict=True)
-                if r == region]
-        forecast = [les for t in tables
-                    for les, r in zip(t["forecast_lesions"], t.get("forecast_regions", []), strict=True) if r == region]
+        true = [
+            les
+            for t in tables
+            for les, r in zip(t["true_lesions"], t.get("true_regions", []), strict=True)
+            if r == region
+        ]
+        forecast = [
+            les
+            for t in tables
+            for les, r in zip(t["forecast_lesions"], t.get("forecast_regions", []), strict=True)
+            if r == region
+        ]
         detected = sum(les["detected"] for les in true)
         matched = sum(les["matched"] for les in forecast)
-        by_region[region] = {"true_lesions": len(true), "detected": detected,
-                             "recall": detected / len(true) if true else None,
-                             "forecast_lesions": len(forecast), "matched": matched,
-                             "precision": matched / len(forecast) if forecast else None}
+        by_region[region] = {
+            "true_lesions": len(true),
+            "detected": detected,
+            "recall": detected / len(true) if true else None,
+            "forecast_lesions": len(forecast),
+            "matched": matched,
+            "precision": matched / len(forecast) if forecast else None,
+        }
     return {
         "true_lesions": len(lesions),
         "true_lesions_with_forecast_lesion": len(distances),
@@ -65,9 +84,12 @@ def location_summary(tables: Sequence[Mapping[str, Any]], distance_mm: float) ->
     }
 
 
-def summarize_factual(records: Sequence[Mapping[str, Any]], method: str,
-                      calibration: ReliabilityAccumulator | None = None,
-                      distance_mm: float = DISTANCE_MM) -> dict[str, Any]:
+def summarize_factual(
+    records: Sequence[Mapping[str, Any]],
+    method: str,
+    calibration: ReliabilityAccumulator | None = None,
+    distance_mm: float = DISTANCE_MM,
+) -> dict[str, Any]:
     """Factual-arm metrics of ``method`` over case records (see :meth:`Evaluator.results` for the layout)."""
     rows = [(r, r["methods"][method]) for r in records if method in r.get("methods", {})]
     notes: dict[str, str] = {}
@@ -75,17 +97,24 @@ def summarize_factual(records: Sequence[Mapping[str, Any]], method: str,
     true = [r["true_count"] for r, _ in rows]
     counts = count_metrics([m["expected_count"] for _, m in rows], true)
     notes.update({f"count_{k}": v for k, v in counts.pop("notes").items()})
-    out.update(count_mae=counts["mae"], count_bias=counts["bias"], count_spearman=counts["spearman"],
-               mean_true_count=mean_or_none(true),
-               mean_expected_count=mean_or_none(m["expected_count"] for _, m in rows))
+    out.update(
+        count_mae=counts["mae"],
+        count_bias=counts["bias"],
+        count_spearman=counts["spearman"],
+        mean_true_count=mean_or_none(true),
+        mean_expected_count=mean_or_none(m["expected_count"] for _, m in rows),
+    )
     intervals = [m.get("interval_90") for _, m in rows]
     out["interval_coverage_90"] = interval_coverage(intervals, true)
     if out["interval_coverage_90"] is None:
         notes["interval_coverage_90"] = NOT_APPLICABLE + "no count interval" if rows else "no case"
     activity = activity_metrics([m["p_active"] for _, m in rows], [r["active"] for r, _ in rows])
     notes.update(activity.pop("notes"))
-    out.update(auc=activity["auc"], average_precision=activity["average_precision"],
-               balanced_accuracy=activity["balanced_accuracy"])
+    out.update(
+        auc=activity["auc"],
+        average_precision=activity["average_precision"],
+        balanced_accuracy=activity["balanced_accuracy"],
+    )
     tables = [m["lesions"] for _, m in rows if "lesions" in m]
     if tables:
         dice_all = [t["dice"] for t in tables]
@@ -95,9 +124,14 @@ def summarize_factual(records: Sequence[Mapping[str, Any]], method: str,
             notes["dice_active"] = "no active case"
         out["dice_all"] = mean_or_none(dice_all)
         pooled = pooled_detection(tables)
-        out.update(lesion_precision=pooled["precision"], lesion_recall=pooled["recall"], lesion_f1=pooled["f1"],
-                   lesion_f1_case_mean=mean_or_none(t["f1"] for t in tables), lesion_counts=pooled,
-                   location=location_summary(tables, distance_mm))
+        out.update(
+            lesion_precision=pooled["precision"],
+            lesion_recall=pooled["recall"],
+            lesion_f1=pooled["f1"],
+            lesion_f1_case_mean=mean_or_none(t["f1"] for t in tables),
+            lesion_counts=pooled,
+            location=location_summary(tables, distance_mm),
+        )
         if pooled["precision"] is None:
             notes["lesion_precision"] = "undefined: no forecast lesion"
         if pooled["recall"] is None:
@@ -111,8 +145,12 @@ def summarize_factual(records: Sequence[Mapping[str, Any]], method: str,
     sample_tables = [m["sample_lesions"] for _, m in rows if "sample_lesions" in m]
     if sample_tables:
         pooled = pooled_detection(sample_tables)
-        out.update(sample_lesion_precision=pooled["precision"], sample_lesion_recall=pooled["recall"],
-                   sample_lesion_f1=pooled["f1"], sample_lesion_counts=pooled)
+        out.update(
+            sample_lesion_precision=pooled["precision"],
+            sample_lesion_recall=pooled["recall"],
+            sample_lesion_f1=pooled["f1"],
+            sample_lesion_counts=pooled,
+        )
     else:
         for key in ("sample_lesion_precision", "sample_lesion_recall", "sample_lesion_f1"):
             out[key] = None
@@ -171,8 +209,13 @@ def summarize_counterfactual(records: Sequence[Mapping[str, Any]], method: str) 
             "ged_mean": mean_or_none(c.get("ged") for c in cells),
         }
     counts = count_metrics(pairs_pred, pairs_true)
-    out["all_arms"] = {"n_case_arms": counts["n"], "count_mae": counts["mae"], "count_bias": counts["bias"],
-                       "count_spearman": counts["spearman"], "notes": counts["notes"]}
+    out["all_arms"] = {
+        "n_case_arms": counts["n"],
+        "count_mae": counts["mae"],
+        "count_bias": counts["bias"],
+        "count_spearman": counts["spearman"],
+        "notes": counts["notes"],
+    }
     if "placebo" in cohort_pred:
         pred_ratio = {a: cohort_pred[a] / cohort_pred["placebo"] if cohort_pred["placebo"] > 0 else None for a in arms}
         true_ratio = {a: cohort_true[a] / cohort_true["placebo"] if cohort_true["placebo"] > 0 else None for a in arms}
@@ -203,8 +246,9 @@ def case_summary(record: Mapping[str, Any]) -> dict[str, Any]:
             entry["covered"] = bool(lo <= record["true_count"] <= hi)
         if "lesions" in m:
             t = m["lesions"]
-            entry.update({k: t[k] for k in ("dice", "tp", "fp", "fn", "precision", "recall", "f1",
-                                             "n_forecast_lesions")})
+            entry.update(
+                {k: t[k] for k in ("dice", "tp", "fp", "fn", "precision", "recall", "f1", "n_forecast_lesions")}
+            )
             entry["distances_mm"] = [les["distance_mm"] for les in t["true_lesions"]]
             entry["true_regions"] = t.get("true_regions")
             entry["detected"] = [les["detected"] for les in t["true_lesions"]]
@@ -226,17 +270,22 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         cells = [r["location"]["methods"][name] for r in located if name in r["location"]["methods"]]
         voxels = sum(c["voxels"] for c in cells)
         ll_truth = sum(c["ll_truth_sum"] for c in cells) / voxels if voxels else None
-        entry: dict[str, Any] = {"n_cases": len(cells), "ap_truth_mean": mean_or_none(c["ap_truth"] for c in cells),
-                                 "ap_truth_pooled": histogram_average_precision(
-                                     c["histogram_truth"] for c in cells if "histogram_truth" in c),
-                                 "ll_truth_per_voxel": ll_truth,
-                                 "mass_outside_domain_mean": mean_or_none(c["mass_outside_domain"] for c in cells)}
+        entry: dict[str, Any] = {
+            "n_cases": len(cells),
+            "ap_truth_mean": mean_or_none(c["ap_truth"] for c in cells),
+            "ap_truth_pooled": histogram_average_precision(
+                c["histogram_truth"] for c in cells if "histogram_truth" in c
+            ),
+            "ll_truth_per_voxel": ll_truth,
+            "mass_outside_domain_mean": mean_or_none(c["mass_outside_domain"] for c in cells),
+        }
         with_outcomes = [c for c in cells if "ap_outcomes" in c]
         if with_outcomes:
             n = sum(c["voxels"] for c in with_outcomes)
             entry["ap_outcomes_mean"] = mean_or_none(c["ap_outcomes"] for c in with_outcomes)
             entry["ap_outcomes_pooled"] = histogram_average_precision(
-                c["histogram_outcomes"] for c in with_outcomes if "histogram_outcomes" in c)
+                c["histogram_outcomes"] for c in with_outcomes if "histogram_outcomes" in c
+            )
             entry["ll_outcomes_per_voxel"] = sum(c["ll_outcomes_sum"] for c in with_outcomes) / n if n else None
         for group in ("mass_by_tissue", "mass_by_region"):
             keys = list(dict.fromkeys(k for c in cells for k in c.get(group, {})))
@@ -248,13 +297,19 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for entry in methods.values():
             entry["ap_ratio_to_oracle"] = {
                 key: entry[key] / oracle[key] if entry.get(key) is not None and oracle.get(key) else None
-                for key in ("ap_truth_mean", "ap_outcomes_mean", "ap_truth_pooled", "ap_outcomes_pooled")}
+                for key in ("ap_truth_mean", "ap_outcomes_mean", "ap_truth_pooled", "ap_outcomes_pooled")
+            }
     domains = sorted({r["location"]["domain"] for r in located})
-    sizes = {kind: size_summary([s for r in records for s in r.get("lesion_sizes", {}).get(kind, [])])
-             for kind in ("sampled", "true")}
+    sizes = {
+        kind: size_summary([s for r in records for s in r.get("lesion_sizes", {}).get(kind, [])])
+        for kind in ("sampled", "true")
+    }
     out = {"n_cases": len(located), "domain": domains, "methods": methods, "lesion_sizes": sizes}
     ceiling = [r["location"]["oracle_sample_lesions"] for r in located if "oracle_sample_lesions" in r["location"]]
     if ceiling:
-        out["oracle_sample_lesions"] = {**pooled_detection(ceiling), "n_cases": len(ceiling),
-                                        "n_samples": sum(t["n_samples"] for t in ceiling)}
+        out["oracle_sample_lesions"] = {
+            **pooled_detection(ceiling),
+            "n_cases": len(ceiling),
+            "n_samples": sum(t["n_samples"] for t in ceiling),
+        }
     return out

@@ -1,5 +1,4 @@
-"""The voxel grid and the brain phantom: a tissue label map defined in millimetres (grid independent).
-"""
+"""The voxel grid and the brain phantom: a tissue label map defined in millimetres (grid independent)."""
 
 from __future__ import annotations
 

@@ -78,8 +78,9 @@ class PatientDraws:
     future_kinds: np.ndarray
 
 
-def draw_patient(rng: np.random.Generator, cfg: CohortConfig, arm_eff: dict[str, float],
-                 horizon: float) -> PatientDraws:
+def draw_patient(
+    rng: np.random.Generator, cfg: CohortConfig, arm_eff: dict[str, float], horizon: float
+) -> PatientDraws:
     """Draw one patient's hidden activity, efficacy and lesion-event processes."""
     age = float(rng.uniform(18, 55))
     duration = float(rng.gamma(2.0, 0.5))  # disease duration factor, mean 1
@@ -117,18 +118,34 @@ def draw_patient(rng: np.random.Generator, cfg: CohortConfig, arm_eff: dict[str,
     n_future = int(rng.poisson(lam_future))
     future_u = rng.uniform(size=n_future)
     future_kinds = np.where(rng.uniform(size=n_future) < cfg.enlarging_fraction, "enlarging", "new")
-    return PatientDraws(age, duration, activity, activity_future, atrophy, k_p, efficacy, n_chronic, recent_onset,
-                        recent_gd, lam_past, past_onset, past_gd, past_kinds, lam_future, future_u, future_kinds)
+    return PatientDraws(
+        age,
+        duration,
+        activity,
+        activity_future,
+        atrophy,
+        k_p,
+        efficacy,
+        n_chronic,
+        recent_onset,
+        recent_gd,
+        lam_past,
+        past_onset,
+        past_gd,
+        past_kinds,
+        lam_future,
+        future_u,
+        future_kinds,
+    )
 
 
-def place_head(rng: np.random.Generator, shape3: tuple[int, ...], spacing3: tuple[float, ...],
-               atrophy: float) -> tuple[Grid, np.ndarray, Anatomy]:
+def place_head(
+    rng: np.random.Generator, shape3: tuple[int, ...], spacing3: tuple[float, ...], atrophy: float
+) -> tuple[Grid, np.ndarray, Anatomy]:
     """The case's grid (random translation), head position and anatomy (stream ``anatomy``)."""
     translation = rng.uniform(-5.0, 5.0, 3)
     grid = Grid(
-        shape3,
-        spacing3,
-        tuple(float(v) for v in -(np.asarray(shape3) - 1) / 2 * np.asarray(spacing3) + translation),
+        shape3, spacing3, tuple(float(v) for v in -(np.asarray(shape3) - 1) / 2 * np.asarray(spacing3) + translation)
     )
     # Head centre in the grid frame: 14 mm above the grid centre so the cerebrum and cerebellum fit, plus jitter.
     head_offset = (np.asarray(shape3) - 1) / 2 * np.asarray(spacing3) + np.array([0.0, 0.0, 14.0])
@@ -179,14 +196,16 @@ def place_lesions(placer: LesionPlacer, patient: PatientDraws, shape3: tuple[int
     net2_1 = _union(past, n_vox)
     t2_1 = t2_0 | net2_1
     n_baseline = len(chronic) + len(recent)
-    enh1 = {n_baseline + i for i, les in enumerate(past)
-            if VISIT_INTERVAL_WEEKS - les.onset_week < les.gd_duration_weeks}
+    enh1 = {
+        n_baseline + i for i, les in enumerate(past) if VISIT_INTERVAL_WEEKS - les.onset_week < les.gd_duration_weeks
+    }
     future = placer.place_events(list(patient.future_kinds), t2_1.reshape(shape3), net2_1.reshape(shape3))
     return LesionHistory(chronic, recent, past, future, t2_0, t2_1, net2_1, enh0, enh1)
 
 
-def thin_counterfactuals(future: Sequence[Lesion], future_u: np.ndarray, efficacy: dict[str, float],
-                         shape3: tuple[int, ...]) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+def thin_counterfactuals(
+    future: Sequence[Lesion], future_u: np.ndarray, efficacy: dict[str, float], shape3: tuple[int, ...]
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """Per arm, the NET2 mask of the future events that happen under it (``u_i < 1 - e_p(arm)``) and their indices."""
     n_vox = int(np.prod(shape3))
     counterfactual: dict[str, np.ndarray] = {}
@@ -201,8 +220,9 @@ def thin_counterfactuals(future: Sequence[Lesion], future_u: np.ndarray, efficac
     return counterfactual, kept
 
 
-def render_visits(rng: np.random.Generator, grid: Grid, anatomy: Anatomy, history: LesionHistory,
-                  head_offset: np.ndarray) -> dict[str, np.ndarray]:
+def render_visits(
+    rng: np.random.Generator, grid: Grid, anatomy: Anatomy, history: LesionHistory, head_offset: np.ndarray
+) -> dict[str, np.ndarray]:
     """The images of both past visits, :data:`IMAGE_KEYS` (stream ``imaging``): MRI with scanner gains and bias
     fields, the T2 and Gd lesion masks, and the past NET2 mask."""
     shape3 = grid.shape
@@ -215,8 +235,10 @@ def render_visits(rng: np.random.Generator, grid: Grid, anatomy: Anatomy, histor
         field_m, _ = plane_wave_field(rng, axes, rotation, head_offset, 6, (150.0, 400.0))
         bias_base[m] = float(rng.uniform(0.05, 0.15)) * field_m
     images: dict[str, np.ndarray] = {}
-    visit_lesions = {0: (history.baseline, history.enhancing_0, history.t2_0),
-                     1: (history.baseline + history.past, history.enhancing_1, history.t2_1)}
+    visit_lesions = {
+        0: (history.baseline, history.enhancing_0, history.t2_0),
+        1: (history.baseline + history.past, history.enhancing_1, history.t2_1),
+    }
     for v in VISITS:
         lesions, enh, t2 = visit_lesions[v]
         maps = lesion_maps(lesions, n_vox, enh)
@@ -291,30 +313,60 @@ def generate_case(
     history = place_lesions(LesionPlacer(grid, anatomy, cfg, s_lesions), patient, shape3)
     counterfactual, kept = thin_counterfactuals(history.future, patient.future_u, patient.efficacy, shape3)
     images = render_visits(s_imaging, grid, anatomy, history, head_offset)
-    truth = case_truth(case_id, seed, case_index, treatment, horizon, patient, grid, anatomy, history, kept, images,
-                       arm_eff)
+    truth = case_truth(
+        case_id, seed, case_index, treatment, horizon, patient, grid, anatomy, history, kept, images, arm_eff
+    )
     case = SyntheticCase(case_id, grid, images, counterfactual, anatomy.tissue, treatment, horizon, truth)
     prior, recent = history.t2_1.reshape(shape3), history.net2_1.reshape(shape3)
     keep = {arm: 1.0 - patient.efficacy[arm] for arm in ARMS}
     if oracle_draws > 0:
-        case.location_oracle = coverage_map(LesionPlacer(grid, anatomy, cfg, s_oracle), prior, recent,
-                                            patient.lam_future, cfg.enlarging_fraction, int(oracle_draws))
+        case.location_oracle = coverage_map(
+            LesionPlacer(grid, anatomy, cfg, s_oracle),
+            prior,
+            recent,
+            patient.lam_future,
+            cfg.enlarging_fraction,
+            int(oracle_draws),
+        )
         truth["location_oracle"] = {"draws": int(oracle_draws), "keep_probability": keep}
-        case.region_prior = region_prior_map(LesionPlacer(grid, anatomy, cfg, s_oracle),
-                                             float(case.location_oracle.sum(dtype=np.float64)))
+        case.region_prior = region_prior_map(
+            LesionPlacer(grid, anatomy, cfg, s_oracle), float(case.location_oracle.sum(dtype=np.float64))
+        )
     if outcome_draws > 0:
-        outcomes = draw_outcomes(LesionPlacer(grid, anatomy, cfg, s_outcomes), prior, recent, patient.lam_future,
-                                 cfg.enlarging_fraction, keep, int(outcome_draws))
-        case.outcome_frequency = {arm: masks.mean(0, dtype=np.float64).astype(np.float32)
-                                  for arm, masks in outcomes.items()}
-        truth["outcome_draws"] = {"draws": int(outcome_draws), "arms": list(ARMS),
-                                  "factual_detection": draw_detection(outcomes[treatment], counterfactual[treatment])}
+        outcomes = draw_outcomes(
+            LesionPlacer(grid, anatomy, cfg, s_outcomes),
+            prior,
+            recent,
+            patient.lam_future,
+            cfg.enlarging_fraction,
+            keep,
+            int(outcome_draws),
+        )
+        case.outcome_frequency = {
+            arm: masks.mean(0, dtype=np.float64).astype(np.float32) for arm, masks in outcomes.items()
+        }
+        truth["outcome_draws"] = {
+            "draws": int(outcome_draws),
+            "arms": list(ARMS),
+            "factual_detection": draw_detection(outcomes[treatment], counterfactual[treatment]),
+        }
     return case
 
 
-def case_truth(case_id: str, seed: int, case_index: int, treatment: str, horizon: float, patient: PatientDraws,
-               grid: Grid, anatomy: Anatomy, history: LesionHistory, kept: dict[str, list[int]],
-               images: dict[str, np.ndarray], arm_eff: dict[str, float]) -> dict[str, Any]:
+def case_truth(
+    case_id: str,
+    seed: int,
+    case_index: int,
+    treatment: str,
+    horizon: float,
+    patient: PatientDraws,
+    grid: Grid,
+    anatomy: Anatomy,
+    history: LesionHistory,
+    kept: dict[str, list[int]],
+    images: dict[str, np.ndarray],
+    arm_eff: dict[str, float],
+) -> dict[str, Any]:
     """The content of ``truth/<id>.json``: true expected counts and counts of every arm, the patient's hidden
     draws, the past lesion figures and every lesion event."""
     vv = grid.voxel_volume

@@ -81,8 +81,10 @@ def write_case(case: SyntheticCase, out: str | os.PathLike) -> dict[str, Any]:
         truth["location_oracle"] = {**truth["location_oracle"], "map": f"truth/{cid}_location_oracle.nii.gz"}
     if case.region_prior is not None:
         save_nifti(case.region_prior, affine, truth_dir / f"{cid}_region_prior.nii.gz", np.float32)
-        truth["region_prior"] = {"map": f"truth/{cid}_region_prior.nii.gz",
-                                 "keep_probability": truth["location_oracle"]["keep_probability"]}
+        truth["region_prior"] = {
+            "map": f"truth/{cid}_region_prior.nii.gz",
+            "keep_probability": truth["location_oracle"]["keep_probability"],
+        }
     if case.outcome_frequency is not None:
         frequency = np.stack([case.outcome_frequency[arm] for arm in ARMS], -1)
         save_nifti(frequency, affine, truth_dir / f"{cid}_outcome_frequency.nii.gz", np.float32, volumes_last=True)

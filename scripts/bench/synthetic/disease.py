@@ -1,5 +1,4 @@
-"""Lesions: placement of chronic lesions and NET2 events in the phantom, patient efficacy, lesion maps.
-"""
+"""Lesions: placement of chronic lesions and NET2 events in the phantom, patient efficacy, lesion maps."""
 
 from __future__ import annotations
 

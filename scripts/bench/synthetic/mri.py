@@ -1,5 +1,4 @@
-"""MRI contrasts (FLAIR, T1, T2, PD, T1-Gd) from the tissue map and the lesion maps of one visit.
-"""
+"""MRI contrasts (FLAIR, T1, T2, PD, T1-Gd) from the tissue map and the lesion maps of one visit."""
 
 from __future__ import annotations
 

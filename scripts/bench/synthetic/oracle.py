@@ -29,8 +29,14 @@ def pool_length(lam: float, tail: float = 1e-6) -> int:
     return int(stats.poisson.ppf(1.0 - tail, lam)) + 1 if lam > 0 else 0
 
 
-def coverage_map(placer: LesionPlacer, prior_mask: np.ndarray, recent_mask: np.ndarray, lam: float,
-                 enlarging_fraction: float, draws: int) -> np.ndarray:
+def coverage_map(
+    placer: LesionPlacer,
+    prior_mask: np.ndarray,
+    recent_mask: np.ndarray,
+    lam: float,
+    enlarging_fraction: float,
+    draws: int,
+) -> np.ndarray:
     """``c(v)``, the expected number of future-pool events covering each voxel (float32, the grid's shape).
 
     Args:
@@ -56,8 +62,15 @@ def coverage_map(placer: LesionPlacer, prior_mask: np.ndarray, recent_mask: np.n
     return (total / draws).reshape(prior_mask.shape).astype(np.float32)
 
 
-def draw_outcomes(placer: LesionPlacer, prior_mask: np.ndarray, recent_mask: np.ndarray, lam: float,
-                  enlarging_fraction: float, keep_probability: dict[str, float], draws: int) -> dict[str, np.ndarray]:
+def draw_outcomes(
+    placer: LesionPlacer,
+    prior_mask: np.ndarray,
+    recent_mask: np.ndarray,
+    lam: float,
+    enlarging_fraction: float,
+    keep_probability: dict[str, float],
+    draws: int,
+) -> dict[str, np.ndarray]:
     """Per arm, ``draws`` independent future NET2 masks of the case (bool, (draws, *grid shape)): pool size, kinds,
     placement and thinning drawn afresh each time, with the generator's own code and order."""
     out = {arm: np.zeros((draws, prior_mask.size), bool) for arm in keep_probability}
@@ -97,8 +110,9 @@ def draw_detection(draws: np.ndarray, realised: np.ndarray) -> dict[str, int]:
     out = dict.fromkeys(keys, 0)
     for draw in draws:
         m = lesion_matching(draw, realised)
-        for key, value in zip(keys, (m.tp, m.fp, m.fn, m.matched.size, m.detected.size, int(m.matched.sum())),
-                              strict=True):
+        for key, value in zip(
+            keys, (m.tp, m.fp, m.fn, m.matched.size, m.detected.size, int(m.matched.sum())), strict=True
+        ):
             out[key] += int(value)
     out["n_samples"] = int(draws.shape[0])
     return out

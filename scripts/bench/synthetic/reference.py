@@ -70,8 +70,9 @@ class ObservableReference:
         self._efficacy_noise = rng.standard_normal(self.draws)
         self.rate_per_week = cfg.net2_rate / 24.0
         theta = cfg.gd_duration_mean_weeks / 2.0
-        self.gd_exposure_weeks = float(integrate.quad(lambda t: stats.gamma.sf(t, 2.0, scale=theta), 0.0,
-                                                      cfg.recent_window_weeks)[0])
+        self.gd_exposure_weeks = float(
+            integrate.quad(lambda t: stats.gamma.sf(t, 2.0, scale=theta), 0.0, cfg.recent_window_weeks)[0]
+        )
         self.arm_efficacy = cfg.arm_efficacy()
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
@@ -100,12 +101,17 @@ class ObservableReference:
             raise ValueError(f"unknown arm {arm!r}; valid arms are: {', '.join(self.arm_efficacy)}")
         cfg = self.config
         a_f = self.future_activity(net2_count, gd_count_0)
-        k = np.clip((a_f / cfg.efficacy_reference_activity) ** cfg.efficacy_gamma
-                    * np.exp(cfg.efficacy_sd * self._efficacy_noise), 0.25, 4.0)
+        k = np.clip(
+            (a_f / cfg.efficacy_reference_activity) ** cfg.efficacy_gamma
+            * np.exp(cfg.efficacy_sd * self._efficacy_noise),
+            0.25,
+            4.0,
+        )
         return self.rate_per_week * a_f * float(horizon_weeks) * (1.0 - self.arm_efficacy[arm]) ** k
 
-    def predict(self, net2_count: int, gd_count_0: int, arms: Sequence[str],
-                horizon_weeks: float) -> dict[str, ReferenceForecast]:
+    def predict(
+        self, net2_count: int, gd_count_0: int, arms: Sequence[str], horizon_weeks: float
+    ) -> dict[str, ReferenceForecast]:
         """Per arm: the expected count, ``P(count > 0)`` and the central 90% interval of the predictive count."""
         out: dict[str, ReferenceForecast] = {}
         tail = (1.0 - INTERVAL_LEVEL) / 2
@@ -141,8 +147,9 @@ class SimulatedPatient:
     expected_count: dict[str, float]
 
 
-def simulate_past_and_outcomes(n: int, seed: int, horizon_weeks: Sequence[float] = (12.0, 24.0, 36.0, 48.0),
-                               config: CohortConfig | None = None) -> list[SimulatedPatient]:
+def simulate_past_and_outcomes(
+    n: int, seed: int, horizon_weeks: Sequence[float] = (12.0, 24.0, 36.0, 48.0), config: CohortConfig | None = None
+) -> list[SimulatedPatient]:
     """``n`` patients drawn with the generator's :func:`draw_patient` (no anatomy, placement or images), each with
     the past counts the reference conditions on and the realised future count under every arm."""
     cfg = config or CohortConfig()
@@ -157,4 +164,3 @@ def simulate_past_and_outcomes(n: int, seed: int, horizon_weeks: Sequence[float]
         expected = {arm: p.lam_future * (1.0 - p.efficacy[arm]) for arm in arm_eff}
         out.append(SimulatedPatient(int(p.past_onset.size), gd0, horizon, counts, expected))
     return out
-
