@@ -26,8 +26,13 @@ def test_atomic_path_moves_the_finished_file_in_place(tmp_path: Path) -> None:
 def test_atomic_path_failure_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     out = tmp_path / "report.md"
     write_text_atomic(out, "old")
-    with pytest.raises(RuntimeError, match="disk full"), atomic_path(out, suffix=".tmp.md", fsync=True) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("disk full")
+
+    def fail_half_way() -> None:
+        with atomic_path(out, suffix=".tmp.md", fsync=True) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        fail_half_way()
     assert out.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

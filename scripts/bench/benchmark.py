@@ -109,7 +109,7 @@ def load_config(args: argparse.Namespace) -> Any:
     parser = ConfigParser()
     parser.read_config(str(args.config))
     overrides: dict[str, Any] = dict(QUICK_OVERRIDES) if args.quick else {}
-    overrides["device"] = f"$torch.device('{args.device}')"
+    overrides["device"] = f"$torch.device({args.device!r})"
     overrides["inferer#progress"] = False
     overrides["num_samples"] = args.num_samples
     for key in ("spatial_size", "spacing"):  # e.g. the 1-1.5 mm GPU run

@@ -166,7 +166,7 @@ def _shown(value: Any, width: int = 70) -> str:
 def bundle_help(config: dict[str, Any], files: Sequence[str]) -> str:
     """The ``--help`` text of a bundle job: what it does (the configs' ``help``), its options with their defaults,
     the treatment arms."""
-    shown = files[0] if len(files) == 1 else '"[' + ",".join(f"'{f}'" for f in files) + ']"'
+    shown = files[0] if len(files) == 1 else '"[' + ",".join(repr(f) for f in files) + ']"'
     lines = [f"python -m monai.bundle run --config_file {shown} [--OPTION VALUE ...]", ""]
     if isinstance(config.get("help"), str):
         lines += [config["help"], ""]

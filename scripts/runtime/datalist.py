@@ -90,17 +90,12 @@ def file_problem(path: Path) -> str | None:
         return f"cannot be read ({err.strerror or err})"
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket"
-            if stat.S_ISSOCK(mode)
-            else "not a regular file"
-        )
-        return f"is {kind}, not a regular file"
+        return "is a socket or another special file, not a regular file"
     return None
 
 

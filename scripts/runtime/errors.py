@@ -20,7 +20,7 @@ class InputError(ValueError):
 class CaseError(InputError):
     """A bad input of one case; ``str()`` is one line naming the case id, the input key and the reason."""
 
-    def __init__(self, case_id: str, key: str, reason: str) -> None:
+    def __init__(self, case_id: str, key: str, reason: str) -> None:  # noqa: B042 (pickled by __reduce__)
         self.case_id, self.key, self.reason = str(case_id), _one_line(key), _one_line(reason)
         super().__init__(f"case {self.case_id!r}: {self.key}: {self.reason}")
 
@@ -32,7 +32,7 @@ class CaseError(InputError):
 class DatalistError(InputError):
     """A datalist file that cannot be used at all (missing, not JSON, no such split); names the file."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:  # noqa: B042 (pickled by __reduce__)
         self.path, self.reason = str(path), _one_line(reason)
         super().__init__(f"datalist {self.path}: {self.reason}")
 

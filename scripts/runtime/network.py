@@ -136,7 +136,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
     def __init__(
         self,
         spatial_dims: int = 3,
-        cond_channels: int = len(CONDITION_CHANNELS),
+        cond_channels: int = len(CONDITION_CHANNELS),  # noqa: B008 (an int, fixed at import)
         out_channels: int = 1,
         channels: Sequence[int] = (32, 64, 128),
         attention_levels: Sequence[bool] = (False, False, True),
@@ -149,7 +149,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         noisy_channels: int = 1,
         patch_size: int = 2,
         head_channels: int = 16,
-        patient_channels: int = len(LOAD_CHANNELS),
+        patient_channels: int = len(LOAD_CHANNELS),  # noqa: B008 (an int, fixed at import)
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,

@@ -171,9 +171,11 @@ class LoadCased(LoadImaged):
             raise CaseError(
                 case_id,
                 key,
-                "all voxels are 0 (an empty image)"
-                if value == 0
-                else f"all voxels equal {value:g} (an image without contrast)",
+                (
+                    "all voxels are 0 (an empty image)"
+                    if value == 0
+                    else f"all voxels equal {value:g} (an image without contrast)"
+                ),
             )
 
     @staticmethod

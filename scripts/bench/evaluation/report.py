@@ -564,9 +564,11 @@ def render_report(metrics: Mapping[str, Any]) -> str:
                     fmt(c.get("horizon_weeks"), 0),
                     fmt(c.get("true_count")),
                     fmt(c["methods"].get("diffusion", {}).get("expected_count")),
-                    "–"
-                    if c["methods"].get("diffusion", {}).get("interval_90") is None
-                    else "{:g}-{:g}".format(*c["methods"]["diffusion"]["interval_90"]),
+                    (
+                        "–"
+                        if c["methods"].get("diffusion", {}).get("interval_90") is None
+                        else "{:g}-{:g}".format(*c["methods"]["diffusion"]["interval_90"])
+                    ),
                     fmt(c["methods"].get("diffusion", {}).get("p_active")),
                     fmt(c["methods"].get("diffusion", {}).get("dice")),
                     fmt(c["methods"].get("diffusion", {}).get("f1")),

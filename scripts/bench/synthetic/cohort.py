@@ -250,9 +250,11 @@ def summarize_cohort(root: str | os.PathLike) -> dict[str, Any]:
         "future_event_kinds": {k: sum(ev["kind"] == k for ev in future) for k in ("new", "enlarging")},
         "net2_regions": regions,
         "past_net2_count": {**_quantiles(past_counts), "share_active": round(float((past_counts >= 1).mean()), 3)},
-        "corr_past_vs_future_placebo_count": round(float(np.corrcoef(past_counts, placebo_counts)[0, 1]), 3)
-        if n > 2 and past_counts.std() > 0 and placebo_counts.std() > 0
-        else None,
+        "corr_past_vs_future_placebo_count": (
+            round(float(np.corrcoef(past_counts, placebo_counts)[0, 1]), 3)
+            if n > 2 and past_counts.std() > 0 and placebo_counts.std() > 0
+            else None
+        ),
         "baseline_t2_lesion_count": _quantiles([t["past"]["t2_lesion_count_0"] for t in truths]),
         "baseline_t2_volume_ml": _quantiles([t["past"]["t2_volume_mm3_0"] / 1000 for t in truths]),
         "baseline_t2_lesion_volume_mm3": _quantiles(baseline_volumes),
