@@ -92,6 +92,8 @@ def test_layout_follows_the_model_zoo(packaged: Path, tmp_path: Path) -> None:
     for config in ("inference.json", "train.json"):
         assert ConfigParser.load_config_file(packaged / "configs" / config)["bundle_root"] == PACKAGED_BUNDLE_ROOT
     assert matches_checkpoint(packaged / "models" / "model.ts", packaged / "models" / "model.pt")
+    card = (packaged / "docs" / "README.md").read_text()  # the model card names the packaged bundle's paths
+    assert "bundle/configs/" not in card and "--config_file configs/inference.json" in card
 
     with pytest.raises(FileExistsError):
         package(packaged.parent, name=NAME)

@@ -63,6 +63,28 @@ def _rewrite_bundle_root(config_path: Path) -> bool:
     return True
 
 
+REPOSITORY_PATHS = {
+    "bundle/configs/": "configs/",
+    "bundle/models/": "models/",
+    "bundle/docs/": "docs/",
+    "bundle/sample_data/": "sample_data/",
+}
+"""Paths of the bundle's parts in the repository, and where they are in the packaged bundle."""
+
+
+def _rewrite_doc_paths(doc: Path) -> bool:
+    """Make the repository paths of one packaged document (``bundle/configs/inference.json``) the packaged bundle's
+    (``configs/inference.json``); False if it names none."""
+    text = doc.read_text(encoding="utf-8")
+    new = text
+    for repo_path, packaged_path in REPOSITORY_PATHS.items():
+        new = new.replace(repo_path, packaged_path)
+    if new == text:
+        return False
+    doc.write_text(new, encoding="utf-8")
+    return True
+
+
 MACRO_PREFIX = "%bundle/configs/"
 """Macros of the repository's configs (``%bundle/configs/inference.json#network_def``): they resolve from the
 repository root only, so the packaged configs hold their content instead."""
@@ -144,6 +166,8 @@ def package(
             p.name for p in sorted((staging / "configs").glob("*.json")) if _inline_macros(p, bundle_dir / "configs")
         ]
         rewritten = [p.name for p in sorted((staging / "configs").glob("*.json")) if _rewrite_bundle_root(p)]
+        for doc in sorted((staging / "docs").glob("*.md")):
+            _rewrite_doc_paths(doc)
         if export_torchscript:
             export(
                 pt,
