@@ -154,3 +154,44 @@ def test_scripts_help_does_not_run_the_command() -> None:
     result = _command("-m", "scripts.export", "--help")
     assert result.returncode == 0 and result.stdout.startswith("python -m scripts.export [OPTIONS]")
     assert "--ckpt" in result.stdout and model.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--tracking", "mlflow", "--experiment_name", "e", "--tracking_uri", "file:/tmp/m"],  # MLflow settings
+        ["--workflow_type", "infer"],  # passed on to ConfigWorkflow
+        ["--evaluator#_disabled_", "true"],  # MONAI's own keys of a component
+        ["--num-samples", "2"],  # fire reads - as _
+        ["-num_samples", "2"],  # and one dash as two
+        ["--num_samples", "2", "--", "--trace"],  # fire's own flags after a bare --
+        ["--brain_margin", "-1"],  # a negative value is not an option
+    ],
+    ids=["mlflow", "workflow_type", "disabled", "hyphen", "one_dash", "fire_flags", "negative_value"],
+)
+def test_legitimate_bundle_command_lines_pass(extra: list[str]) -> None:
+    check_bundle_command_line([*RUN, *INFERENCE, *extra])
+
+
+def test_args_file_gives_config_file_and_is_checked(tmp_path: Path) -> None:
+    args = tmp_path / "args.json"
+    args.write_text('{"config_file": "bundle/configs/inference.json", "num_samples": 2}')
+    check_bundle_command_line([*RUN, "--args_file", str(args)])
+    args.write_text('{"config_file": ["bundle/configs/inference.json"], "num_sampels": 2}')
+    with pytest.raises(InputError, match="unknown option --num_sampels"):
+        check_bundle_command_line([*RUN, "--args_file", str(args)])
+
+
+def test_one_dash_misspelling_is_caught() -> None:
+    with pytest.raises(InputError, match="unknown option --num_sampels"):
+        check_bundle_command_line([*RUN, *INFERENCE, "-num_sampels", "2"])
+
+
+def test_strict_fire_one_letter_shortcut() -> None:
+    calls = []
+
+    def main(out: str, n: int = 200) -> None:
+        calls.append((out, n))
+
+    strict_fire(main, "scripts.x", ["-o", "d", "--n", "3"])
+    assert calls == [("d", 3)]

@@ -26,33 +26,53 @@ from pathlib import Path
 from typing import Any
 
 import fire
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.config_item import ComponentLocator
+from monai.bundle.scripts import create_workflow
 from monai.bundle.scripts import run as bundle_run
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 from scripts.runtime.constants import ARMS
 from scripts.runtime.errors import InputError, install_error_hook
 
 HELP_FLAGS = ("help", "h")
+COMPONENT_KEYS = ("_disabled_", "_requires_", "_mode_", "_desc_")
+"""MONAI's own keys of a component (``--train#handlers#0#_disabled_ true``)."""
 JOB_SECTIONS = ("imports", "initialize", "run", "finalize", "help")
 """Top-level config keys that are the job's steps, not its options."""
 
 
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_option(word: str) -> bool:
+    """``--name`` or ``-name`` (fire takes both), not a negative number."""
+    return word.startswith("-") and len(word) > 1 and word != "--" and not _is_number(word)
+
+
 def parse_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str | bool]]:
-    """Split ``argv`` into positional words and ``--name value`` / ``--name=value`` / ``--flag`` options (as fire
-    reads them: a word after an option is its value unless it is an option itself). ``-h`` counts as ``--help``."""
+    """Split ``argv`` into positional words and ``--name value`` / ``--name=value`` / ``--flag`` options as fire reads
+    them: ``-name`` is an option too, ``-`` in a name is ``_``, a word after an option is its value unless it is an
+    option itself, and a bare ``--`` ends the command (what follows is fire's own flags). ``-h`` counts as
+    ``--help``."""
     positional: list[str] = []
     flags: dict[str, str | bool] = {}
     i = 0
     while i < len(argv):
         word = argv[i]
-        if word == "-h":
-            flags["h"] = True
-        elif word.startswith("--") and len(word) > 2:
-            name, sep, value = word[2:].partition("=")
+        if word == "--":
+            break
+        if _is_option(word):
+            name, sep, value = word.lstrip("-").partition("=")
+            name = name.replace("-", "_")
             if sep:
                 flags[name] = value
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            elif i + 1 < len(argv) and not _is_option(argv[i + 1]) and argv[i + 1] != "--":
                 flags[name] = argv[i + 1]
                 i += 1
             else:
@@ -97,11 +117,25 @@ def _is_bundle_run(argv: Sequence[str]) -> bool:
     )
 
 
-def _run_parameters() -> set[str]:
-    return {name for name, p in inspect.signature(bundle_run).parameters.items() if p.kind is not p.VAR_KEYWORD}
+def _run_parameters(tracking: str | bool | None) -> set[str]:
+    """What ``monai.bundle run`` takes besides config ids: its own arguments, those it passes on to the workflow, and
+    the settings of the experiment tracking it is asked for (``--tracking mlflow --experiment_name ...``)."""
+    names = set()
+    for fn in (bundle_run, create_workflow, ConfigWorkflow.__init__):
+        names |= {
+            n for n, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+    if isinstance(tracking, str):
+        settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking)
+        if settings is None and Path(tracking).is_file():
+            settings = ConfigParser.load_config_file(tracking)
+        names |= set((settings or {}).get("configs", {}))
+    return names - {"self"}
 
 
-def _config_files(value: str | bool | None) -> list[str]:
+def _config_files(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)) and value:  # from an args file
+        return [str(f) for f in value]
     if not isinstance(value, str):
         raise InputError("config_file: give the job's config file(s), e.g. --config_file bundle/configs/inference.json")
     try:
@@ -143,6 +177,7 @@ def _option_ids(config: Any, prefix: str = "", locator: ComponentLocator | None 
     ids: list[str] = []
     open_ended: list[str] = []
     if isinstance(config, dict) and "_target_" in config:
+        ids.extend(f"{prefix}{key}" for key in COMPONENT_KEYS if key not in config)
         params = _target_parameters(config["_target_"], locator)
         if params is None:
             open_ended.append(prefix.rstrip("#"))
@@ -202,13 +237,16 @@ def check_bundle_command_line(argv: Sequence[str] | None = None) -> None:
         return
     install_error_hook()
     positional, flags = parse_flags(argv[2:])
+    args_file = flags.get("args_file")
+    if isinstance(args_file, str):  # defaults for every argument, the command line's win (as MONAI reads them)
+        flags = {**{str(k): v for k, v in ConfigParser.load_config_file(args_file).items()}, **flags}
     files = _config_files(flags.get("config_file"))
     parser = _read_configs(files)
     if any(f in flags for f in HELP_FLAGS) or "help" in positional[:1] or flags.get("run_id") == "help":
         print(bundle_help(parser.get(), files), flush=True)
         sys.exit(0)
     ids, open_ended = _option_ids(parser.get())
-    known = set(ids) | _run_parameters()
+    known = set(ids) | _run_parameters(flags.get("tracking"))
 
     def valid(name: str) -> bool:
         name = name.replace("::", "#")
@@ -255,6 +293,8 @@ def strict_fire(fn: Callable[..., Any], prog: str, argv: Sequence[str] | None = 
     params = inspect.signature(fn).parameters
     names = set(params) | {n.replace("_", "-") for n in params}
     names |= {f"no{n}" for n, p in params.items() if isinstance(p.default, bool)}
+    initials = [n[0] for n in params]
+    names |= {c for c in initials if initials.count(c) == 1}  # fire's one-letter shortcuts (-o for --out)
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())  # e.g. export's config overrides
     unknown = [] if open_ended else [name for name in flags if name not in names]
     if unknown:
