@@ -871,13 +871,9 @@ TRAIN_FLAGS = [
 ]
 
 
-def _epoch_of(checkpoint: Path) -> int:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer"]
-    return int(state["iteration"]) // int(state["epoch_length"])
-
-
-def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) -> None:
-    command = [
+def _train_command(datalist: Path, out: Path, flags: list[str]) -> list[str]:
+    """The training command of ``train.json`` on ``datalist`` into ``out``."""
+    return [
         sys.executable,
         "-m",
         "monai.bundle",
@@ -885,11 +881,20 @@ def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) ->
         "--config_file",
         "bundle/configs/train.json",
         "--datalist",
-        str(tiny_cohort),
+        str(datalist),
         "--output_dir",
-        str(tmp_path),
-        *TRAIN_FLAGS,
+        str(out),
+        *flags,
     ]
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer"]
+    return int(state["iteration"]) // int(state["epoch_length"])
+
+
+def test_training_killed_mid_epoch_resumes(tiny_cohort: Path, tmp_path: Path) -> None:
+    command = _train_command(tiny_cohort, tmp_path, TRAIN_FLAGS)
     models, log = tmp_path / "models", tmp_path / "first.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
@@ -933,20 +938,14 @@ def test_one_epoch_training_leaves_weights_and_a_checkpoint(tiny_cohort: Path, t
     flags = list(TRAIN_FLAGS)
     flags[flags.index("--checkpoint_interval") + 1] = "5"
     flags[flags.index("--train#trainer#max_epochs") + 1] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "bundle/configs/train.json",
-        "--datalist",
-        str(tiny_cohort),
-        "--output_dir",
-        str(tmp_path),
-        *flags,
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(
+        _train_command(tiny_cohort, tmp_path, flags),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "ema_model_epoch=1.pt", "model.pt"]

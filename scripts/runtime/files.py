@@ -163,17 +163,20 @@ def _read_claim(path: Path) -> str | None:
         return None
 
 
-def _stale(holder: str) -> bool:
+def _local_pid(holder: str) -> int | None:
+    """The process id of a claim of this host; None for another machine's (it cannot be checked from here)."""
     pid, _, host = holder.partition("@")
-    if host != _HOST or not pid.isdigit():
-        return False  # another machine's: it cannot be checked from here
-    return int(pid) == os.getpid() or not _process_alive(int(pid))
+    return int(pid) if host == _HOST and pid.isdigit() else None
+
+
+def _stale(holder: str) -> bool:
+    pid = _local_pid(holder)
+    return pid is not None and (pid == os.getpid() or not _process_alive(pid))
 
 
 def claim_is_live(holder: str) -> bool:
     """Whether the claim ``holder`` (``pid@host``) is a running process of this host other than this one."""
-    pid, _, host = holder.partition("@")
-    return host == _HOST and pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))
+    return _local_pid(holder) is not None and not _stale(holder)
 
 
 def _take_over(path: Path, holder: str) -> None:

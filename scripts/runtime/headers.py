@@ -36,35 +36,47 @@ def _invertible(matrix: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:3, :3])) > 1e-8)
 
 
-def header_problem(path: str | os.PathLike, max_voxels: int | None = MAX_IMAGE_VOXELS) -> str | None:
-    """Why the image at ``path`` must not be read, from its header alone; None when it may be.
+def check_header(path: str | os.PathLike, max_voxels: int | None = MAX_IMAGE_VOXELS) -> tuple[str | None, str | None]:
+    """``(problem, warning)`` of the image at ``path``, from one read of its header alone.
 
-    Checks the number of voxels against ``max_voxels`` (before anything is decompressed), that an uncompressed
-    file holds the bytes its header promises, and the NIfTI geometry (see the module's docstring): no sform or qform
-    set, a set sform or qform that is singular, or an sform and qform of opposite orientations. Files nibabel cannot
-    open are left to the reader, whose message says why.
+    The problem (None when the image may be read): more voxels than ``max_voxels`` (checked before anything is
+    decompressed), an uncompressed file shorter than its header promises, or broken NIfTI geometry (see the module's
+    docstring): no sform or qform set, a set sform or qform that is singular, or an sform and qform of opposite
+    orientations. The warning (:func:`geometry_warning`), only when there is no problem. Files nibabel cannot open
+    are left to the reader, whose message says why.
     """
     try:
         image = nib.load(str(path))
     except Exception:  # not an image nibabel knows: the reader reports it
-        return None
+        return None, None
     shape = tuple(int(s) for s in image.shape)
     voxels = math.prod(shape) if shape else 0
     if max_voxels is not None and voxels > int(max_voxels):
         return (
             f"not read: its header declares {voxels:,} voxels {shape}, more than the limit of "
             f"{int(max_voxels):,} (max_image_voxels in inference.json raises it)"
-        )
+        ), None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        return None, None
     header = image.header
-    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        if not _is_compressed(path):
-            offset = int(header.get_data_offset())
-            expected = offset + voxels * np.dtype(header.get_data_dtype()).itemsize
-            size = Path(path).stat().st_size
-            if size < expected:
-                return f"cannot read: the file holds {size:,} bytes but its header promises {expected:,} (truncated?)"
-        return _geometry_problem(header, shape)
-    return None
+    if not _is_compressed(path):
+        expected = int(header.get_data_offset()) + voxels * np.dtype(header.get_data_dtype()).itemsize
+        size = Path(path).stat().st_size
+        if size < expected:
+            return f"cannot read: the file holds {size:,} bytes but its header promises {expected:,} (truncated?)", None
+    problem = _geometry_problem(header)
+    return problem, None if problem else _geometry_gap(header, shape)
+
+
+def header_problem(path: str | os.PathLike, max_voxels: int | None = MAX_IMAGE_VOXELS) -> str | None:
+    """Why the image at ``path`` must not be read, from its header alone (:func:`check_header`); None when it may."""
+    return check_header(path, max_voxels)[0]
+
+
+def geometry_warning(path: str | os.PathLike) -> str | None:
+    """A note when the sform and qform of a NIfTI file are both set, agree in orientation, but place the grid more
+    than :data:`GEOMETRY_TOLERANCE_MM` apart: the sform is used (as nibabel, MONAI and FSL do)."""
+    return check_header(path, None)[1]
 
 
 def _is_compressed(path: str | os.PathLike) -> bool:
@@ -74,7 +86,7 @@ def _is_compressed(path: str | os.PathLike) -> bool:
     return magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\x28\xb5\x2f\xfd"
 
 
-def _geometry_problem(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str | None:
+def _geometry_problem(header: nib.Nifti1Header) -> str | None:
     sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
     if sform_code == 0 and qform_code == 0:
         return (
@@ -96,19 +108,11 @@ def _geometry_problem(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str |
     return None
 
 
-def geometry_warning(path: str | os.PathLike) -> str | None:
-    """A note when the sform and qform of a NIfTI file are both set, agree in orientation, but place the grid more
-    than :data:`GEOMETRY_TOLERANCE_MM` apart: the sform is used (as nibabel, MONAI and FSL do)."""
-    try:
-        image = nib.load(str(path))
-    except Exception:
-        return None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        return None
-    header = image.header
+def _geometry_gap(header: nib.Nifti1Header, shape: tuple[int, ...]) -> str | None:
+    """The warning of :func:`geometry_warning` for a header whose geometry has no problem."""
     if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0 or not _invertible(header.get_qform()):
         return None
-    corners = _grid_corners(tuple(int(s) for s in image.shape))
+    corners = _grid_corners(shape)
     gap = float(np.max(np.linalg.norm((corners @ (header.get_sform() - header.get_qform()).T)[:, :3], axis=1)))
     if gap <= GEOMETRY_TOLERANCE_MM:
         return None

@@ -57,7 +57,7 @@ from scripts.runtime.grids import (
     working_affine,
     world_bounding_box,
 )
-from scripts.runtime.headers import geometry_warning, header_problem
+from scripts.runtime.headers import check_header
 from scripts.runtime.lesions import count_lesions, voxel_volume_mm3
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class LoadCased(LoadImaged):
     (float64 (3,) tensor: world mm of the centroid of the reference image's foreground, found on the raw
     intensities; the field-of-view centre when there is none).
 
-    Every header is checked before its voxels are read (:func:`scripts.runtime.headers.header_problem`): size
+    Every header is checked before its voxels are read (:func:`scripts.runtime.headers.check_header`): size
     against ``max_voxels``, truncation, and a missing or broken orientation; an sform and qform that disagree by more
     than a millimetre are logged (the sform is used).
 
@@ -117,10 +117,9 @@ class LoadCased(LoadImaged):
             raise CaseError(case_id, VISIT1_MRI_KEYS[0], f"no MRI of visit 1; need one of {', '.join(VISIT1_MRI_KEYS)}")
         reference_path = str(d[reference_key])
         for key in self.key_iterator(d):
-            problem = header_problem(d[key], self.max_voxels)
+            problem, warning = check_header(d[key], self.max_voxels)
             if problem is not None:
                 raise CaseError(case_id, str(key), f"{d[key]}: {problem}")
-            warning = geometry_warning(d[key])
             if warning is not None:
                 logger.warning("case %s: %s: %s (%s)", case_id, key, warning, d[key])
             try:
