@@ -9,7 +9,8 @@ For each case of the datalist split, ``ForecastRunner``:
    components), expected count, P(active) = share of samples with at least one lesion, expected volume, and the
    voxel probability (mean of the binarised samples);
 4. puts each probability map back on the case's reference grid (the grid of ``flair_1``) and thresholds it at 0.5
-   for the forecast mask; lists the mask's lesions with world centroid, volume, mean probability and region;
+   for the forecast mask (``postprocessing``); lists the mask's lesions with world centroid, volume, mean probability
+   and region;
 5. writes ``<arm>_prob.nii.gz``, ``<arm>_mask.nii.gz``, ``forecast.json`` and ``forecast.png`` into a staging
    folder that is renamed to ``O/<id>`` only when everything is written, so a failed case leaves nothing behind;
 6. at the end writes ``O/summary.csv`` (one row per case and arm) and, if any case failed, raises an error that
@@ -54,11 +55,11 @@ from scripts.runtime.files import (
     staging_folder,
     temp_prefix,
 )
-from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.io import save_nifti
 from scripts.runtime.lesions import describe_lesions
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.regions import REGIONS, brain_restriction, region_map
+from scripts.runtime.transforms import forecast_postprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,10 @@ class ForecastRunner:
             (:func:`scripts.runtime.regions.brain_restriction`) are removed from every sample before anything is counted
             (NET2 lesions are brain lesions); None keeps the samples as drawn. Cases where no brain is found keep
             theirs (logged).
+        postprocessing: one arm's binary samples ``pred`` (K, *working grid) with ``working_affine``,
+            ``reference_affine`` and ``reference_shape`` -> ``prob`` and ``mask`` (1, *reference grid)
+            (``inference.json``'s ``postprocessing``; default
+            :func:`scripts.runtime.transforms.forecast_postprocessing`).
     """
 
     def __init__(
@@ -147,8 +152,10 @@ class ForecastRunner:
         figure: bool = True,
         brain_margin: int | None = 1,
         max_num_samples: int | None = MAX_NUM_SAMPLES,
+        postprocessing: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
     ) -> None:
         self.dataset = dataset
+        self.postprocessing = forecast_postprocessing() if postprocessing is None else postprocessing
         self.output_dir = Path(output_dir)
         self.network = network
         self.inferer = inferer
@@ -366,16 +373,19 @@ class ForecastRunner:
             probs_reference: dict[str, np.ndarray] = {}
             for a, arm in enumerate(self.arms):
                 figures = summarize_arm(samples[a], working_affine)
-                prob_working = figures.pop("prob_working")
-                probs_working[arm] = prob_working
-                prob = np.clip(
-                    to_reference_grid(prob_working, working_affine, reference_affine, reference_shape, mode="bilinear"),
-                    0.0,
-                    1.0,
-                ).astype(np.float32)
+                probs_working[arm] = figures.pop("prob_working")
+                post = self.postprocessing(
+                    {
+                        "pred": torch.from_numpy(samples[a]),
+                        "working_affine": working_affine,
+                        "reference_affine": reference_affine,
+                        "reference_shape": reference_shape,
+                    }
+                )
+                prob = np.asarray(post["prob"], dtype=np.float32)[0]
+                mask = np.asarray(post["mask"], dtype=np.uint8)[0]
                 if listeners:  # kept only for the listeners: reference grids can be large
                     probs_reference[arm] = prob
-                mask = (prob >= 0.5).astype(np.uint8)
                 lesions = describe_lesions(mask, reference_affine, prob=prob)
                 for lesion in lesions:
                     centroid = np.asarray(lesion["centroid_mm"])

@@ -28,7 +28,16 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, Randomizable, SpatialResample
+from monai.transforms import (
+    AsDiscreted,
+    CastToTyped,
+    Compose,
+    CopyItemsd,
+    LoadImaged,
+    MapTransform,
+    Randomizable,
+    SpatialResample,
+)
 from scipy.ndimage import gaussian_filter
 
 from scripts.runtime.constants import (
@@ -76,6 +85,10 @@ class LoadCased(LoadImaged):
     ``reference_affine`` (float64 (4, 4) tensor), ``reference_shape`` (int64 (3,) tensor) and ``reference_centre``
     (float64 (3,) tensor: world mm of the centroid of the reference image's foreground, found on the raw
     intensities; the field-of-view centre when there is none).
+
+    The image keys go in as file paths; a sample without ``label`` (a forecast request) is fine. MONAI Label turns
+    ``image_only`` off on every ``LoadImaged``: the image of the ``(image, meta)`` pair is kept (the meta travels
+    on the MetaTensor).
 
     Every header is checked before its voxels are read (:func:`scripts.runtime.headers.check_header`): size
     against ``max_voxels``, truncation, and a missing or broken orientation; an sform and qform that disagree by more
@@ -126,6 +139,8 @@ class LoadCased(LoadImaged):
                 img = self._loader(d[key], reader)
             except Exception as err:  # any reader failure is a bad input of this case
                 raise CaseError(case_id, str(key), f"cannot read {d[key]}: {_read_problem(d[key], err)}") from err
+            if isinstance(img, tuple):  # MONAI Label sets image_only=False on every LoadImaged: (image, meta)
+                img = img[0]
             if img.ndim != 4 or img.shape[0] != 1:
                 shape = _file_shape(d[key], img)
                 raise CaseError(case_id, str(key), f"expected a 3D volume, got a {len(shape)}D image of shape {shape}")
@@ -531,11 +546,32 @@ class RandDropInputsd(Randomizable, MapTransform):
         return d
 
 
+class SampleMeand(MapTransform):
+    """Post-processing: the voxel probability of K binary samples: ``keys`` ``(K, *S)`` -> ``names`` ``(1, *S)``,
+    the share of samples above 0.5 in each voxel (float32; ``names`` defaults to ``keys``, replacing them)."""
+
+    def __init__(
+        self, keys: KeysCollection, names: KeysCollection | None = None, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.names = list(self.keys if names is None else ([names] if isinstance(names, str) else names))
+        if len(self.names) != len(self.keys):
+            raise ValueError(f"SampleMeand: {len(self.keys)} key(s) but {len(self.names)} name(s)")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, name in self.key_iterator(d, self.names):
+            samples = d[key].detach().cpu().numpy() if isinstance(d[key], torch.Tensor) else np.asarray(d[key])
+            d[name] = torch.from_numpy((samples > 0.5).mean(0, keepdims=True).astype(np.float32))
+        return d
+
+
 class ToReferenceGridd(MapTransform):
     """Post-processing: put ``keys`` (working-grid volumes of one sample) onto the sample's reference grid.
 
     Reads ``working_affine``, ``reference_affine`` and ``reference_shape``; writes a MetaTensor whose affine is the
-    reference affine (see :func:`to_reference_grid` for ``mode`` and ``threshold``).
+    reference affine (see :func:`to_reference_grid` for ``mode`` and ``threshold``). ``value_range`` clips the
+    result (a probability map: linear interpolation may overshoot [0, 1] by rounding).
     """
 
     def __init__(
@@ -543,17 +579,36 @@ class ToReferenceGridd(MapTransform):
         keys: KeysCollection,
         mode: str = "bilinear",
         threshold: float | None = None,
+        value_range: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mode, self.threshold = mode, threshold
+        self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        reference_affine = torch.as_tensor(d["reference_affine"], dtype=torch.float64)
+        reference_affine = torch.as_tensor(np.asarray(d["reference_affine"]), dtype=torch.float64)
         for key in self.key_iterator(d):
             out = to_reference_grid(
                 d[key], d["working_affine"], reference_affine, d["reference_shape"], self.mode, self.threshold
             )
+            if self.value_range is not None:
+                out = np.clip(out, *self.value_range).astype(np.float32)
             d[key] = MetaTensor(torch.from_numpy(out), affine=reference_affine.clone())
         return d
+
+
+def forecast_postprocessing() -> Compose:
+    """``postprocessing`` of ``inference.json`` (the forecast's default): binary samples of one arm ``pred`` (K, *S)
+    on the working grid -> ``prob`` (1, *reference) float32 in [0, 1] and ``mask`` (1, *reference) uint8 (prob >=
+    0.5) on the case's reference grid."""
+    return Compose(
+        [
+            SampleMeand(keys="pred", names="prob"),
+            ToReferenceGridd(keys="prob", mode="bilinear", value_range=(0.0, 1.0)),
+            CopyItemsd(keys="prob", names="mask"),
+            AsDiscreted(keys="mask", threshold=0.5),
+            CastToTyped(keys="mask", dtype=np.uint8),
+        ]
+    )
