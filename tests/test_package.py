@@ -8,6 +8,7 @@ export its ``model.ts`` with the export command.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, create_workflow, verify_metadata, verify_net_in_out
@@ -86,8 +89,16 @@ def test_layout_follows_the_model_zoo(packaged: Path, tmp_path: Path) -> None:
         "scripts/__init__.py",
         "scripts/runtime/network.py",
         "scripts/runtime/inferer.py",
+        "apps/monailabel/main.py",
+        "apps/deploy/app.py",
     ):
         assert (packaged / item).is_file(), item
+    # the packaged apps find the packaged scripts, not the repository's
+    spec = importlib.util.spec_from_file_location("packaged_bundle_path", packaged / "apps" / "bundle_path.py")
+    bundle_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle_path)
+    assert bundle_path.bundle_root() == packaged.resolve() and str(packaged.resolve()) in sys.path
+    sys.path.remove(str(packaged.resolve()))
     assert not list(packaged.rglob("__pycache__"))
     for config in ("inference.json", "train.json"):
         assert ConfigParser.load_config_file(packaged / "configs" / config)["bundle_root"] == PACKAGED_BUNDLE_ROOT
@@ -209,7 +220,7 @@ def test_deploy_loading_path_emulated(packaged: Path) -> None:
         preprocessing.transforms = tuple(
             t for t in preprocessing.transforms if not any(d in type(t).__name__ for d in ("LoadImage", "SaveImage"))
         )
-        assert parser.get("postprocessing") is None  # Deploy then uses an empty Compose
+        postprocessing = parser.get_parsed_content("postprocessing")  # Deploy's post_process runs it on one arm
         network = torch.jit.load(str(packaged / "models" / "model.ts"), map_location=device).eval()
         data = preprocessing(_sample_case(packaged))
         samples = inferer(
@@ -217,9 +228,13 @@ def test_deploy_loading_path_emulated(packaged: Path) -> None:
             network=network,
             horizon=torch.as_tensor(data["horizon"]).reshape(1).to(device),
         )
+        post = postprocessing({**data, "pred": samples[0, 0]})
     finally:
         sys.path.remove(str(packaged))
     assert samples.shape == (1, 2, 1, *SMALL_RUN["spatial_size"])
+    reference = nib.load(_sample_case(packaged)["flair_1"])
+    assert post["prob"].shape == post["mask"].shape == (1, *reference.shape)
+    np.testing.assert_allclose(post["prob"].affine.numpy(), reference.affine, atol=1e-5)
     assert set(samples.unique().tolist()) <= {0.0, 1.0}
 
     # a TorchScript file as the bundle: Deploy reads <stem>/extra/metadata.json and the named configs from the zip

@@ -1,11 +1,11 @@
 """Assemble a self-contained bundle folder in the MONAI Model Zoo layout.
 
 ``python -m scripts.package --out DIR`` writes ``DIR/<name>/`` with ``configs/``, ``models/``, ``docs/``,
-``sample_data/`` (the cases the default forecast runs on), ``LICENSE`` and ``scripts/`` (a copy of this package:
-Model Zoo bundles keep their custom code in the bundle's ``scripts/`` and run with the bundle folder on
-``sys.path``). In the copied configs the repository-relative macros (``%bundle/configs/...``) are replaced by their
-content and ``bundle_root`` becomes the folder that holds the imported ``scripts``
-package, so the packaged bundle finds its models and sample data from any working directory::
+``sample_data/`` (the cases the default forecast runs on), ``apps/`` (MONAI Label and MONAI Deploy), ``LICENSE`` and
+``scripts/`` (a copy of this package: Model Zoo bundles keep their custom code in the bundle's ``scripts/`` and run
+with the bundle folder on ``sys.path``). In the copied configs the repository-relative macros
+(``%bundle/configs/...``) are replaced by their content and ``bundle_root`` becomes the folder that holds the
+imported ``scripts`` package, so the packaged bundle finds its models and sample data from any working directory::
 
     cd /anywhere && PYTHONPATH=DIR/<name> python -m monai.bundle run \\
         --config_file DIR/<name>/configs/inference.json
@@ -38,7 +38,7 @@ DEFAULT_NAME = "ms_mri_net2_forecast"
 PACKAGED_BUNDLE_ROOT = "$os.path.dirname(os.path.dirname(os.path.abspath(scripts.__file__)))"
 """``bundle_root`` of the packaged configs: the bundle folder is the one holding the ``scripts`` package in use."""
 
-BUNDLE_ITEMS = ("configs", "models", "docs", "sample_data", "LICENSE")
+BUNDLE_ITEMS = ("configs", "models", "docs", "sample_data", "apps", "LICENSE")
 
 
 def _ignore(folder: str, names: list[str]) -> set[str]:
@@ -68,6 +68,7 @@ REPOSITORY_PATHS = {
     "bundle/models/": "models/",
     "bundle/docs/": "docs/",
     "bundle/sample_data/": "sample_data/",
+    "bundle/apps/": "apps/",
 }
 """Paths of the bundle's parts in the repository, and where they are in the packaged bundle."""
 
