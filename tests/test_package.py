@@ -196,6 +196,23 @@ def test_model_zoo_checks_pass_on_the_packaged_bundle(packaged: Path, tiny_cohor
     assert train.check_properties() == []
 
 
+def test_the_shipped_zoo_unit_test_passes_on_the_packaged_bundle(packaged: Path, tmp_path: Path) -> None:
+    """``ci/unit_tests/test_<name>.py`` as the Model Zoo's runner would run it: one training epoch, then a forecast."""
+    test = packaged / "ci" / "unit_tests" / "test_ms_mri_net2_forecast.py"
+    env = {**os.environ, "MS_NET2_BUNDLE_ROOT": str(packaged), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the packaged scripts, not the repository's
+    result = subprocess.run(
+        [sys.executable, "-m", "unittest", "-v", test.stem],
+        cwd=test.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Ran 1 test" in result.stderr and result.stderr.rstrip().endswith("OK")
+
+
 def _sample_case(bundle: Path) -> dict:
     return load_datalist(bundle / "sample_data" / "datalist.json", "testing")[0]
 

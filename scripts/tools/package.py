@@ -1,7 +1,8 @@
 """Assemble a self-contained bundle folder in the MONAI Model Zoo layout.
 
 ``python -m scripts.package --out DIR`` writes ``DIR/<name>/`` with ``configs/``, ``models/``, ``docs/``,
-``sample_data/`` (the cases the default forecast runs on), ``apps/`` (MONAI Label and MONAI Deploy), ``LICENSE`` and
+``sample_data/`` (the cases the default forecast runs on), ``apps/`` (MONAI Label and MONAI Deploy), ``ci/`` (the
+Model Zoo unit test), ``LICENSE`` and
 ``scripts/`` (a copy of this package: Model Zoo bundles keep their custom code in the bundle's ``scripts/`` and run
 with the bundle folder on ``sys.path``). In the copied configs the repository-relative macros
 (``%bundle/configs/...``) are replaced by their content and ``bundle_root`` becomes the folder that holds the
@@ -38,7 +39,7 @@ DEFAULT_NAME = "ms_mri_net2_forecast"
 PACKAGED_BUNDLE_ROOT = "$os.path.dirname(os.path.dirname(os.path.abspath(scripts.__file__)))"
 """``bundle_root`` of the packaged configs: the bundle folder is the one holding the ``scripts`` package in use."""
 
-BUNDLE_ITEMS = ("configs", "models", "docs", "sample_data", "apps", "LICENSE")
+BUNDLE_ITEMS = ("configs", "models", "docs", "sample_data", "apps", "ci", "LICENSE")
 
 
 def _ignore(folder: str, names: list[str]) -> set[str]:
@@ -69,6 +70,7 @@ REPOSITORY_PATHS = {
     "bundle/docs/": "docs/",
     "bundle/sample_data/": "sample_data/",
     "bundle/apps/": "apps/",
+    "bundle/ci/": "ci/",
 }
 """Paths of the bundle's parts in the repository, and where they are in the packaged bundle."""
 
