@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.runtime.errors import CaseError, InputError
 from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.service import BundleForecaster, case_from_folder, resolve_case, stack_arm_maps
 from scripts.runtime.transforms import LoadCased, forecast_postprocessing
+
 from tests.conftest import CONFIGS, REPO_ROOT
 
 APPS = REPO_ROOT / "bundle" / "apps"

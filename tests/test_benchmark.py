@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.bench.parity import activity_auc
 from scripts.bench.speed import ConcatModeNetwork
 from scripts.runtime.constants import CONDITION_CHANNELS
 from scripts.runtime.network import ForecastDiffusionUNet
 from scripts.runtime.sampler import ForecastSampler
 from scripts.runtime.scheduler import ForecastScheduler
+
 from tests.conftest import REPO_ROOT, perturbed_small_net
 
 CONTRACT_KEYS = (

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from monai.bundle import ConfigParser
-
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, NULL_TREATMENT
 from scripts.training.engines import WeightedBCEWithLogitsLoss
+
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"

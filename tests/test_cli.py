@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from scripts.runtime.cli import check_bundle_command_line, parse_flags, strict_fire
 from scripts.runtime.constants import ARMS
 from scripts.runtime.errors import InputError
+
 from tests.conftest import REPO_ROOT
 
 RUN = ["/somewhere/site-packages/monai/bundle/__main__.py", "run"]

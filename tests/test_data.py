@@ -16,7 +16,6 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
-
 from scripts.runtime import errors
 from scripts.runtime.constants import (
     ARMS,
@@ -40,6 +39,7 @@ from scripts.runtime.transforms import (
     ToWorkingGridd,
     scale_foreground_percentiles,
 )
+
 from tests.conftest import config_preprocessing
 
 SIZE = (24, 24, 24)
@@ -554,7 +554,6 @@ def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:
     """An input on a 3 mm grid offset by a fraction of a voxel from the brain-centred working grid: linear resampling
     erodes single-voxel lesions away; snapping the working grid to the input lattice keeps every voxel."""
     from monai.data import MetaTensor
-
     from scripts.runtime.lesions import count_lesions
 
     affine = np.diag([3.0, 3.0, 3.0, 1.0])

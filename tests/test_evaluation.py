@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-
 from scripts.bench.evaluation.evaluator import Evaluator
 from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
@@ -38,6 +37,7 @@ from scripts.runtime.datalist import load_datalist
 from scripts.runtime.forecast import CaseForecast
 from scripts.runtime.lesions import match_lesions
 from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
+
 from tests.conftest import REPO_ROOT
 
 SMALL = {
@@ -531,9 +531,8 @@ def test_evaluate_command_writes_metrics_report_and_plots(
 
 
 def test_voxel_average_precision_known_answers() -> None:
-    from sklearn.metrics import average_precision_score
-
     from scripts.bench.evaluation.scores import voxel_average_precision
+    from sklearn.metrics import average_precision_score
 
     truth = np.array([1, 0, 1, 0, 0], float)
     assert voxel_average_precision(np.array([0.9, 0.1, 0.8, 0.2, 0.0]), truth) == 1.0
@@ -554,13 +553,12 @@ def test_voxel_average_precision_known_answers() -> None:
 def test_pooled_average_precision_from_histograms() -> None:
     """Binned AP equals scikit-learn's when no two voxels share a bin, pools cases like one concatenated map, and
     treats voxels in one bin as tied."""
-    from sklearn.metrics import average_precision_score
-
     from scripts.bench.evaluation.scores import (
         histogram_average_precision,
         probability_histogram,
         voxel_average_precision,
     )
+    from sklearn.metrics import average_precision_score
 
     a_prob, a_truth = np.array([0.9, 1e-3, 0.05, 0.0]), np.array([1.0, 0.0, 1.0, 0.0])
     b_prob, b_truth = np.array([0.5, 1e-5, 2e-2]), np.array([0.0, 1.0, 0.25])

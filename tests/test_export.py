@@ -9,7 +9,6 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata
-
 from scripts.runtime.constants import CONDITION_CHANNELS
 from scripts.runtime.inferer import ForecastInferer
 from scripts.tools.export import (
@@ -20,6 +19,7 @@ from scripts.tools.export import (
     load_torchscript,
     matches_checkpoint,
 )
+
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"

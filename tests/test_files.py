@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from scripts.runtime.files import atomic_path, write_text_atomic
 
 

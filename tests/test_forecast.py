@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-
 from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
 from scripts.runtime.constants import ARMS
 from scripts.runtime.lesions import count_lesions
 from scripts.runtime.network import ForecastDiffusionUNet
+
 from tests.conftest import REPO_ROOT
 
 SMALL_NET = ["--network_channels", "[8,16,16,16]"]

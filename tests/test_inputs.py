@@ -14,13 +14,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.runtime.constants import ARMS
 from scripts.runtime.datalist import _read_datalist, display_id, id_problem, load_datalist
 from scripts.runtime.errors import CaseError, DatalistError, InputError
 from scripts.runtime.headers import geometry_warning, header_problem
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.transforms import LoadCased
+
 from tests.conftest import REPO_ROOT
 
 

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.runtime.lesions import analyze_mask, count_lesions, describe_lesions, match_lesions
+
 from tests.conftest import REPO_ROOT
 
 
@@ -165,7 +165,6 @@ def test_probability_map_given_as_mask_is_named(tmp_path, caplog) -> None:
     import logging
 
     import nibabel as nib
-
     from scripts.runtime.lesions import load_mask
 
     prob = np.zeros((8, 8, 8), np.float32)

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from scripts.training.metrics import ActivityBrier, CountAbsoluteError, CountCRPS, count_crps, poisson_count_crps
 
 
@@ -71,7 +70,6 @@ def test_reference_scores_on_the_tiny_cohort(tiny_cohort) -> None:
     import json
 
     import nibabel as nib
-
     from scripts.runtime.datalist import load_datalist
     from scripts.runtime.lesions import count_lesions
     from scripts.training.metrics import reference_scores

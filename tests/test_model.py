@@ -5,13 +5,13 @@ from __future__ import annotations
 import monai
 import pytest
 import torch
-
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
 from scripts.runtime.inferer import ForecastInferer, ThresholdInferer
 from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
 from scripts.runtime.sampler import ForecastSampler
 from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
 from scripts.training.engines import MaskDiffusionPrepareBatch, WeightedBCEWithLogitsLoss
+
 from tests.conftest import SMALL_NET, perturbed_small_net
 
 SIZE = 16

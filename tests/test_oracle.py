@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.bench.synthetic.case import generate_case
 from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.bench.synthetic.oracle import draw_detection, pool_length

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, create_workflow, verify_metadata, verify_net_in_out
-
 from scripts.runtime.datalist import load_datalist
 from scripts.tools.export import matches_checkpoint
 from scripts.tools.package import PACKAGED_BUNDLE_ROOT, package
+
 from tests.conftest import REPO_ROOT
 from tests.test_export import TINY, tiny_checkpoint
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import integrate, stats
-
 from scripts.bench.synthetic.config import CohortConfig
 from scripts.bench.synthetic.reference import ObservableReference, mixture_cdf, simulate_past_and_outcomes
 from scripts.runtime.constants import ARMS

@@ -20,12 +20,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from scipy import ndimage
-
 from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.runtime import regions as RG
 from scripts.runtime.constants import CONDITION_CHANNELS, MRI_MODALITIES
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.lesions import label_lesions
+
 from tests.conftest import config_preprocessing
 
 SPACING = 3.0

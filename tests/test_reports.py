@@ -7,7 +7,6 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-
 from scripts.runtime.constants import ARMS
 from scripts.runtime.figures import ARM_LABELS, _axial, arm_label, forecast_figure, pick_slices
 
@@ -178,7 +177,6 @@ def test_bad_inputs_and_failed_write_leave_nothing(tmp_path: Path, monkeypatch: 
 def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
     """A realistic case: a synthetic FLAIR and its smoothed counterfactual NET2 masks as probability maps."""
     from scipy import ndimage
-
     from scripts.bench.synthetic.case import generate_case
 
     case = generate_case(0, 0, shape=32, spacing=6.0)
@@ -194,9 +192,8 @@ def test_forecast_figure_on_a_synthetic_case(tmp_path: Path) -> None:
 
 
 def test_training_curves_with_reference_lines(tmp_path: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     from scripts.tools.curves import training_curves
+    from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(tmp_path / "tb")) as writer:
         for epoch in range(1, 4):

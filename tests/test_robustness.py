@@ -25,7 +25,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.runtime import errors, files
 from scripts.runtime import forecast as forecast_module
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOADED_KEYS, VISIT1_MRI_KEYS
@@ -41,6 +40,7 @@ from scripts.training.engines import (
     TrainerCheckpointSaver,
     latest_checkpoint,
 )
+
 from tests.conftest import REPO_ROOT
 
 SMALL = {

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from scripts.bench.synthetic.case import generate_case
 from scripts.bench.synthetic.cohort import generate_cohort, split_indices
 from scripts.bench.synthetic.config import ARM_EFFICACY, TISSUE_LABELS

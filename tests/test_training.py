@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from scripts.runtime.constants import CONDITION_CHANNELS
+
 from tests.conftest import REPO_ROOT
 
 TINY = [

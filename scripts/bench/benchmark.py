@@ -53,8 +53,6 @@ from typing import Any
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
-from torch import nn
-
 from scripts.bench.parity import quality_parity
 from scripts.bench.speed import (
     BenchmarkError,
@@ -72,6 +70,7 @@ from scripts.runtime.datalist import CaseDataset
 from scripts.runtime.forecast import ForecastRunner
 from scripts.runtime.sampler import resolve_precision
 from scripts.runtime.weights import load_weights
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

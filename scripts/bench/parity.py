@@ -12,15 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
-from torch import nn
-
 from scripts.bench.speed import precision_error
 from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import arm_index
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.sampler import ForecastSampler, resolve_precision
+from sklearn.metrics import roc_auc_score
+from torch import nn
 
 
 def activity_auc(scores: Sequence[float], active: Sequence[bool]) -> float | None:

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from scripts.runtime.sampler import PRECISIONS
 from scripts.runtime.scheduler import ForecastScheduler
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class BenchmarkError(RuntimeError):

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from scripts.runtime.lesions import count_lesions, voxel_volume_mm3
 
 

@@ -31,7 +31,6 @@ from monai.bundle.config_item import ComponentLocator
 from monai.bundle.scripts import create_workflow
 from monai.bundle.scripts import run as bundle_run
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
-
 from scripts.runtime.constants import ARMS
 from scripts.runtime.errors import InputError, install_error_hook
 

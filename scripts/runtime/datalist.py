@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from monai.data import Dataset
-
 from scripts.runtime.constants import (
     DEFAULT_HORIZON_WEEKS,
     LABEL_KEY,

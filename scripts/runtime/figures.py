@@ -15,7 +15,6 @@ from typing import Any
 import matplotlib
 import numpy as np
 from scipy import ndimage
-
 from scripts.runtime.files import atomic_path
 
 matplotlib.use("Agg")

@@ -37,8 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
 from scripts.runtime.constants import CONDITION_CHANNELS, MAX_NUM_SAMPLES, MRI_KEYS
 from scripts.runtime.datalist import CaseDataset
@@ -60,6 +58,7 @@ from scripts.runtime.lesions import describe_lesions
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.regions import REGIONS, brain_restriction, region_map
 from scripts.runtime.transforms import forecast_postprocessing
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 

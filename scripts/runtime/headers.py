@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from scripts.runtime.constants import MAX_IMAGE_VOXELS
 
 logger = logging.getLogger(__name__)

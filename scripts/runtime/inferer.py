@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
-
 from scripts.runtime.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm_index
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.sampler import ForecastSampler

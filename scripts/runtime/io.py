@@ -9,7 +9,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-
 from scripts.runtime.files import atomic_path
 
 

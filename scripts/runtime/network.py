@@ -29,9 +29,8 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
-from torch import nn
-
 from scripts.runtime.constants import CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
+from torch import nn
 
 
 class TreatmentHorizonEmbedding(nn.Module):

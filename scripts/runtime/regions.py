@@ -52,7 +52,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import ndimage
-
 from scripts.runtime.constants import CONDITION_CHANNELS, MRI_MODALITIES
 from scripts.runtime.lesions import label_lesions
 

@@ -31,11 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
-
 from scripts.runtime.constants import NULL_TREATMENT
 from scripts.runtime.scheduler import ForecastScheduler, signal_to_mask
+from torch import nn
+from tqdm.auto import tqdm
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

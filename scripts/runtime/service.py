@@ -25,7 +25,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.runtime.constants import IMAGE_KEYS, LOADED_KEYS
 from scripts.runtime.datalist import CaseDataset, load_datalist
 from scripts.runtime.errors import CaseError, InputError

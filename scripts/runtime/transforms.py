@@ -39,7 +39,6 @@ from monai.transforms import (
     SpatialResample,
 )
 from scipy.ndimage import gaussian_filter
-
 from scripts.runtime.constants import (
     AVAILABLE_CHANNEL,
     BINARY_KEYS,

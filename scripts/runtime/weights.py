@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
 from scripts.runtime.errors import CheckpointError, CheckpointNotFound
 
 

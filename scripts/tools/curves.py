@@ -13,9 +13,8 @@ from pathlib import Path
 
 import fire
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from scripts.runtime.figures import figure_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 logger = logging.getLogger(__name__)
 

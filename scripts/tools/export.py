@@ -33,16 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import monai.networks.nets.diffusion_model_unet as monai_unet
+import scripts.runtime.network as network_module
 import torch
 from monai.bundle import ConfigParser
 from monai.data import load_net_with_metadata, save_net_with_metadata
 from monai.networks.utils import convert_to_torchscript
-from torch import nn
-
-import scripts.runtime.network as network_module
 from scripts.runtime.constants import CONDITION_CHANNELS, NULL_TREATMENT
 from scripts.runtime.files import file_sha256
 from scripts.runtime.weights import load_weights
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

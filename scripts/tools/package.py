@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
-
 from scripts.tools.export import export, matches_checkpoint
 
 logger = logging.getLogger(__name__)

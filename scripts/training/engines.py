@@ -32,7 +32,6 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.engines.utils import DiffusionPrepareBatch, IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
-
 from scripts.runtime.constants import NULL_TREATMENT
 from scripts.runtime.files import atomic_path, remove_stale_temporaries
 from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal

@@ -25,7 +25,6 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.bundle import ConfigParser
-
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.files import write_text_atomic
 from scripts.runtime.lesions import count_lesions, dice, load_mask

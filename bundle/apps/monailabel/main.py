@@ -22,7 +22,6 @@ from bundle_path import bundle_root  # noqa: E402 (needs the line above)
 BUNDLE_ROOT = bundle_root()
 
 from lib.net2_forecast import NET2ForecastTask  # noqa: E402 (imports scripts, which bundle_root() puts on the path)
-
 from scripts.runtime.service import BundleForecaster  # noqa: E402
 
 logger = logging.getLogger(__name__)

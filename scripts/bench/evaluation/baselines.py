@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from scripts.bench.evaluation.scores import poisson_interval
 from scripts.bench.synthetic.reference import ObservableReference
 from scripts.runtime.analysis import summarize_arm

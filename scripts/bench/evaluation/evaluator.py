@@ -38,8 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from scripts.bench.evaluation.baselines import (
     ArmPrediction,
     DeterministicBaseline,
@@ -82,6 +80,7 @@ from scripts.runtime.forecast import CaseForecast, ForecastRunner
 from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.inferer import ThresholdInferer
 from scripts.runtime.lesions import count_lesions, load_mask, voxel_volume_mm3
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-
 from scripts.bench.evaluation.scores import (
     bernoulli_log_likelihood,
     mass_share,

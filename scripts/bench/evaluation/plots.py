@@ -8,10 +8,9 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
-
 from scripts.bench.evaluation.conventions import METHOD_LABELS
 from scripts.runtime.figures import arm_label, figure_file
+from sklearn.metrics import roc_auc_score, roc_curve
 
 _METHOD_STYLE: dict[str, tuple[str, str, Any]] = {
     "diffusion": ("tab:blue", "o", "-"),

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from statsmodels.discrete.discrete_model import NegativeBinomial
-from statsmodels.tools.sm_exceptions import ConvergenceWarning
-
 from scripts.bench.evaluation.baselines import ArmPrediction
 from scripts.bench.evaluation.conventions import INTERVAL_LEVEL
 from scripts.runtime.constants import ARMS
 from scripts.runtime.lesions import count_lesions, load_mask, voxel_volume_mm3
+from statsmodels.discrete.discrete_model import NegativeBinomial
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 COUNT_FEATURES: tuple[tuple[str, str], ...] = (
     ("net2_count_1", "net2_1"),

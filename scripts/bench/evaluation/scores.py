@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
-
 from scripts.bench.evaluation.conventions import BOOTSTRAP_RESAMPLES, INTERVAL_LEVEL
 from scripts.runtime.constants import ARMS
 from scripts.runtime.lesions import dice, label_lesions, lesion_centroids, lesion_matching
 from scripts.runtime.regions import lesion_regions
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
 
 
 def finite(value: Any) -> float | None:

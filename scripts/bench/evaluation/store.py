@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from scripts.bench.evaluation.scores import finite
 from scripts.runtime.files import file_sha256
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from scripts.bench.evaluation.conventions import DISTANCE_MM, NOT_APPLICABLE
 from scripts.bench.evaluation.location import ORACLE
 from scripts.bench.evaluation.scores import (

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.bench.synthetic.config import PARENCHYMA_LABELS
 
 

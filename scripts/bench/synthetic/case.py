@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from scripts.bench.synthetic.anatomy import Anatomy, Grid, as_triple, build_anatomy, plane_wave_field
 from scripts.bench.synthetic.config import GENERATOR_VERSION, TISSUE_LABELS, VISIT_INTERVAL_WEEKS, CohortConfig
 from scripts.bench.synthetic.disease import Lesion, LesionPlacer, lesion_maps, patient_efficacy

@@ -38,8 +38,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
-
 from scripts.bench.synthetic.anatomy import as_triple
 from scripts.bench.synthetic.case import SyntheticCase, as_number, generate_case, horizon_choices
 from scripts.bench.synthetic.config import GENERATOR_VERSION, TISSUE_LABELS, CohortConfig
@@ -47,6 +45,7 @@ from scripts.runtime.constants import ARMS, IMAGE_KEYS
 from scripts.runtime.files import write_text_atomic
 from scripts.runtime.io import save_nifti
 from scripts.runtime.lesions import label_lesions
+from tqdm import tqdm
 
 logger = logging.getLogger("scripts.synthetic")
 

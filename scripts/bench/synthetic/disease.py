@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.bench.synthetic.anatomy import Anatomy, Grid
 from scripts.bench.synthetic.config import CohortConfig
 from scripts.runtime.lesions import CONNECTIVITY_26, label_lesions

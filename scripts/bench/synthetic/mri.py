@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.bench.synthetic.anatomy import Anatomy, Grid, plane_wave_field
 from scripts.runtime.constants import MRI_MODALITIES
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import stats
-
 from scripts.bench.synthetic.disease import NEW_REGION_WEIGHTS, LesionPlacer
 from scripts.runtime.lesions import lesion_matching
 

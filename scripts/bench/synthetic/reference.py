@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import integrate, stats
-
 from scripts.bench.synthetic.case import draw_patient
 from scripts.bench.synthetic.config import VISIT_INTERVAL_WEEKS, CohortConfig
 

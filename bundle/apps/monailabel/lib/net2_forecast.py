@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-
 from scripts.runtime.constants import ARMS, DEFAULT_HORIZON_WEEKS
 from scripts.runtime.service import BundleForecaster, resolve_case, stack_arm_maps
 
