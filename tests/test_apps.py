@@ -158,6 +158,35 @@ def test_a_served_forecast_equals_the_command_line_forecast(
         forecaster.forecast(entry, tmp_path / "served", arms="placebo,natalizumab")
 
 
+def test_the_figure_draws_the_saved_maps_on_one_scale(
+    tiny_cohort: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scripts.runtime.forecast as forecast_module
+
+    drawn = {}
+    real = forecast_module.forecast_figure
+
+    def spy(mri, probs, arms, out, **kwargs):
+        drawn.update(mri=mri, probs={k: v.copy() for k, v in probs.items()}, **kwargs)
+        return real(mri, probs, arms, out, **kwargs)
+
+    monkeypatch.setattr(forecast_module, "forecast_figure", spy)
+    case = json.loads(tiny_cohort.read_text())["testing"][0]
+    entry = {
+        k: (str(tiny_cohort.parent / v) if isinstance(v, str) and v.endswith(".nii.gz") else v) for k, v in case.items()
+    }
+    forecaster = BundleForecaster(REPO_ROOT / "bundle", overrides={**TINY, "ckpt_path": str(tiny_weights)})
+    forecast, case_dir = forecaster.forecast(entry, tmp_path, arms=["placebo", "ocrelizumab"])
+    reference = nib.load(entry["flair_1"])
+    assert drawn["vmax"] == forecast_module.FIGURE_VMAX == 0.5 and drawn["mri_name"] == "flair_1"
+    np.testing.assert_allclose(drawn["affine"], reference.affine, atol=1e-5)
+    assert drawn["mri"].shape == reference.shape
+    for arm in forecast["arms"]:
+        saved = np.asarray(nib.load(case_dir / f"{arm}_prob.nii.gz").dataobj)
+        np.testing.assert_array_equal(drawn["probs"][arm], saved)
+    assert (case_dir / "forecast.png").stat().st_size > 10_000
+
+
 def _require(module: str, requirements: Path) -> None:
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed: pip install -r {requirements.relative_to(REPO_ROOT)} to run this test")

@@ -195,3 +195,34 @@ def test_strict_fire_one_letter_shortcut() -> None:
 
     strict_fire(main, "scripts.x", ["-o", "d", "--n", "3"])
     assert calls == [("d", 3)]
+
+
+def test_readme_figures_fail_when_they_drift(tmp_path: Path) -> None:
+    """The README's sample-case sentence parses, and the check fails on a forecast that gives other figures."""
+    from scripts.tools.readme_figures import drift, measured_figures, quoted_figures
+
+    quoted = quoted_figures((REPO_ROOT / "README.md").read_text())
+    assert set(quoted) == {"placebo", "ocrelizumab", "truth_placebo", "truth_ocrelizumab"}
+    truth_dir = REPO_ROOT / "bundle" / "sample_data" / "truth"
+    cases = sorted(p.stem for p in truth_dir.glob("*.json"))
+
+    def summary(placebo: float, ocrelizumab: float) -> Path:
+        out = tmp_path / f"run_{placebo}_{ocrelizumab}"
+        out.mkdir()
+        rows = ["id,arm,expected_count"] + [f"{c},placebo,{placebo}" for c in cases]
+        rows += [f"{c},ocrelizumab,{ocrelizumab}" for c in cases]
+        (out / "summary.csv").write_text("\n".join(rows) + "\n")
+        return out
+
+    same = measured_figures(summary(quoted["placebo"], quoted["ocrelizumab"]), truth_dir)
+    assert drift(quoted, same) == []  # the truth the README quotes is the sample cases' truth
+    other = measured_figures(summary(quoted["placebo"] + 0.4, quoted["ocrelizumab"]), truth_dir)
+    assert [line.split(":")[0] for line in drift(quoted, other)] == ["placebo"]
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.readme_figures", "--forecast_dir", str(summary(99.0, 0.0))],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "README figures drifted" in result.stderr

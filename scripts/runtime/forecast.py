@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from scripts.runtime.analysis import effects_vs_placebo, summarize_arm
-from scripts.runtime.constants import CONDITION_CHANNELS, MAX_NUM_SAMPLES, MRI_KEYS
+from scripts.runtime.constants import MAX_NUM_SAMPLES
 from scripts.runtime.datalist import CaseDataset
 from scripts.runtime.errors import CaseError, ForecastFailed, ForecastInterrupted, InputError, find_case_error
 from scripts.runtime.figures import forecast_figure
@@ -57,7 +58,7 @@ from scripts.runtime.io import save_nifti
 from scripts.runtime.lesions import describe_lesions
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.regions import REGIONS, brain_restriction, region_map
-from scripts.runtime.transforms import forecast_postprocessing
+from scripts.runtime.transforms import forecast_postprocessing, scale_foreground_percentiles
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -103,13 +104,18 @@ CaseListener = Callable[[CaseForecast], None]
 """Called by :meth:`ForecastRunner.run` for every forecast case; one that raises fails the case."""
 
 
-def display_channel(cond: np.ndarray) -> tuple[str, np.ndarray]:
-    """The MRI to draw forecasts on: the first available of FLAIR, T1, T2, PD, T1-Gd of visit 1, then visit 0."""
-    order = [k for k in MRI_KEYS if k.endswith("_1")] + [k for k in MRI_KEYS if k.endswith("_0")]
-    for key in order:
-        if cond[CONDITION_CHANNELS.index(f"available_{key}")].max() > 0.5:
-            return key, cond[CONDITION_CHANNELS.index(key)]
-    return "none", np.zeros(cond.shape[1:], dtype=np.float32)
+FIGURE_VMAX = 0.5
+"""Top of ``forecast.png``'s probability colour scale, the same for every case: the mask threshold, so a voxel
+drawn in the top colour is in the forecast mask and the figures of two cases compare at a glance."""
+
+
+def reference_mri(path: str | os.PathLike) -> np.ndarray:
+    """The reference MRI of a case on its own grid, scaled for display (foreground median 0.5, as the network sees
+    it): what ``forecast.png`` draws the saved probability maps on."""
+    image = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    while image.ndim > 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return scale_foreground_percentiles(image)
 
 
 class ForecastRunner:
@@ -368,11 +374,10 @@ class ForecastRunner:
         staging = staging_folder(self.output_dir, case_id)
         try:
             arms_out: dict[str, dict[str, Any]] = {}
-            probs_working: dict[str, np.ndarray] = {}
             probs_reference: dict[str, np.ndarray] = {}
             for a, arm in enumerate(self.arms):
                 figures = summarize_arm(samples[a], working_affine)
-                probs_working[arm] = figures.pop("prob_working")
+                figures.pop("prob_working")  # the postprocessing makes the map that is saved
                 post = self.postprocessing(
                     {
                         "pred": torch.from_numpy(samples[a]),
@@ -383,7 +388,7 @@ class ForecastRunner:
                 )
                 prob = np.asarray(post["prob"], dtype=np.float32)[0]
                 mask = np.asarray(post["mask"], dtype=np.uint8)[0]
-                if listeners:  # kept only for the listeners: reference grids can be large
+                if listeners or self.figure:  # kept only where used: reference grids can be large
                     probs_reference[arm] = prob
                 lesions = describe_lesions(mask, reference_affine, prob=prob)
                 for lesion in lesions:
@@ -411,17 +416,16 @@ class ForecastRunner:
             effects = effects_vs_placebo(arms_out)
             if effects:
                 forecast["effects_vs_placebo"] = effects
-            if self.figure:
-                mri_key, mri = display_channel(cond.numpy())
+            if self.figure:  # the saved maps, on the grid they are saved on
                 forecast_figure(
-                    mri,
-                    probs_working,
+                    reference_mri(data["reference_path"]),
+                    probs_reference,
                     arms_out,
                     staging / "forecast.png",
                     title=f"{case_id}: NET2 forecast, {horizon:g} weeks after visit 1",
-                    mri_name=mri_key,
-                    voxel_mm=np.abs(np.diag(working_affine)[:3]).tolist(),
-                    affine=working_affine,
+                    mri_name=str(data.get("reference_key", "reference MRI")),
+                    affine=reference_affine,
+                    vmax=FIGURE_VMAX,
                 )
             if listeners:
                 result = CaseForecast(case, data, samples, forecast, probs_reference, regions, allowed)
