@@ -31,6 +31,7 @@ LAYERS: tuple[str, ...] = (
     "runtime.analysis",
     "runtime.figures",
     "runtime.forecast",
+    "runtime.service",
     # training plumbing
     "training.engines",
     "training.metrics",
@@ -38,6 +39,7 @@ LAYERS: tuple[str, ...] = (
     "tools.export",
     "tools.package",
     "tools.curves",
+    "tools.readme_figures",
     # the bench: synthetic cohort, evaluation, benchmark
     "bench.synthetic.config",
     "bench.synthetic.anatomy",
@@ -60,12 +62,13 @@ LAYERS: tuple[str, ...] = (
     "bench.speed",
     "bench.parity",
     "bench.benchmark",
-    # the contract's entry points (python -m scripts.<name>)
+    # the entry points (python -m scripts.<name>; the first five are the contract's)
     "synthetic",
     "lesions",
     "benchmark",
     "export",
     "package",
+    "readme_figures",
 )
 """Every module of ``scripts/`` (without the ``scripts.`` prefix), in the order data flows: bottom first."""
 
