@@ -187,6 +187,47 @@ def test_the_figure_draws_the_saved_maps_on_one_scale(
     assert (case_dir / "forecast.png").stat().st_size > 10_000
 
 
+def test_step_map_scores_have_known_answers() -> None:
+    from scripts.bench.trajectory import score_step_map
+
+    tissue = np.zeros((6, 6, 6), np.uint8)
+    tissue[1:5, 1:5, 1:5] = 3  # white matter
+    tissue[1:5, 1:5, 4] = 1  # a CSF layer (not parenchyma)
+    label = np.zeros_like(tissue, bool)
+    label[2, 2, 2] = True
+    prob = np.where(label, 0.9, 0.0)
+    prob[2, 2, 4] = 0.1  # a tenth of the mass in CSF
+    scores = score_step_map(prob, label, tissue)
+    assert scores["auroc"] == 1.0 and scores["ap"] == pytest.approx(1.0)
+    assert scores["mass"] == pytest.approx(1.0) and scores["max"] == pytest.approx(0.9)
+    assert scores["mass_outside_parenchyma"] == pytest.approx(0.1)
+    assert scores["mass_in_white_matter"] == pytest.approx(0.9)
+    assert score_step_map(np.zeros_like(prob), np.zeros_like(label), tissue)["auroc"] is None
+
+
+def test_the_reverse_process_is_traced_step_by_step(tiny_cohort: Path, tiny_weights: Path) -> None:
+    from scripts.bench.evaluation.scores import lesion_sizes
+    from scripts.bench.trajectory import trace_case
+    from scripts.runtime.datalist import load_datalist
+
+    forecaster = BundleForecaster(REPO_ROOT / "bundle", overrides={**TINY, "ckpt_path": str(tiny_weights)})
+    case = load_datalist(tiny_cohort, "testing")[0]
+    result = trace_case(forecaster, case, tiny_cohort, "ocrelizumab")
+    assert [s["step"] for s in result["steps"]] == [0, 1] and result["steps"][0]["timestep"] == 999
+    for step in result["steps"]:
+        assert 0.0 <= step["p0"]["max"] <= 1.0 and 0.0 <= step["state"]["max"] <= 1.0
+    # the last step's state is the samples, as the forecast draws them
+    assert result["steps"][-1]["state"]["mass"] == pytest.approx(result["samples"]["mass"])
+    # the traced samples are the forecast's own (same preprocessing, inferer and seed), not a re-implementation
+    samples = forecaster.inferer(
+        torch.as_tensor(forecaster.preprocessing(dict(case))["cond"]).float()[None],
+        forecaster.network,
+        horizon=torch.tensor([float(case["horizon_weeks"])]),
+        arms=["ocrelizumab"],
+    )[0, 0].numpy()
+    assert result["sampled_lesions"] == lesion_sizes(list(samples > 0.5))
+
+
 def _require(module: str, requirements: Path) -> None:
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed: pip install -r {requirements.relative_to(REPO_ROOT)} to run this test")

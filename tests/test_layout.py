@@ -59,6 +59,7 @@ LAYERS: tuple[str, ...] = (
     "bench.evaluation.baselines",
     "bench.evaluation.regression",
     "bench.evaluation.evaluator",
+    "bench.trajectory",
     "bench.speed",
     "bench.parity",
     "bench.benchmark",

@@ -34,8 +34,9 @@ class ForecastInferer(Inferer):
         channels_last, precision, compile, reuse_memory: speed switches of
             :class:`~scripts.runtime.sampler.ForecastSampler`.
 
-    Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None)`` with ``inputs`` the (B, C, *spatial)
-    conditioning volumes. Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
+    Call: ``inferer(inputs, network, treatment=None, horizon=None, arms=None, callback=None)`` with ``inputs`` the
+    (B, C, *spatial) conditioning volumes (``callback``: see :meth:`ForecastSampler.sample`; its rows are ordered
+    case, arm, sample). Returns (B, K, *spatial) samples under the given ``treatment`` when no arms are set, and
     (B, A, K, *spatial) when arms are set (A = number of arms, in the given order).
     """
 
@@ -87,6 +88,7 @@ class ForecastInferer(Inferer):
         treatment: torch.Tensor | None = None,
         horizon: torch.Tensor | None = None,
         arms: Sequence[str] | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         cond = inputs.float()
@@ -116,6 +118,7 @@ class ForecastInferer(Inferer):
             per_case[:, :, None].expand(b, a, k).reshape(rows),
             horizon[:, None, None].expand(b, a, k).reshape(rows),
             noise=noise.expand(b, a, k, *noise.shape[3:]).reshape(rows, 1, *cond.shape[2:]),
+            callback=callback,
         )
         samples = samples.reshape(b, a, k, *cond.shape[2:])
         return samples[:, 0] if arms is None else samples

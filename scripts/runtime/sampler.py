@@ -222,6 +222,7 @@ class ForecastSampler:
         horizon: torch.Tensor,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Draw one binary NET2 mask per row.
 
@@ -231,6 +232,9 @@ class ForecastSampler:
             treatment: (N,) arm indices; horizon: (N,) weeks.
             noise: (N, 1, *spatial) starting noise; drawn from ``generator`` when None. Passing the same noise for
                 different arms makes their forecasts differ through the treatment alone.
+            callback: called after every step as ``callback(step, timestep, x0, x)`` with the step's index, its
+                timestep, the scheduler's predicted clean signal x0 (N, 1, *spatial, in [-1, 1]) and the new sample
+                (diffusers' ``callback_on_step_end``): to look at the reverse process step by step.
 
         Returns:
             (N, 1, *spatial) float tensor of 0/1.
@@ -246,9 +250,12 @@ class ForecastSampler:
             horizon = horizon.to(cond.device).float().reshape(-1).expand(n)
             # the network's view of x_t (x_t itself, or its likelihood ratio for mask logits), as in training
             scale_input = getattr(self.scheduler, "scale_model_input", None)
-            for t in tqdm(self.scheduler.timesteps, desc="denoising", leave=False, disable=not self.progress):
+            steps = tqdm(self.scheduler.timesteps, desc="denoising", leave=False, disable=not self.progress)
+            for i, t in enumerate(steps):
                 timesteps = torch.full((n,), int(t), device=cond.device, dtype=torch.long)
                 x_in = scale_input(x, timesteps) if scale_input is not None else x
                 model_output = self._predict(network, x_in, timesteps, cond, treatment, horizon)
-                x, _ = self.scheduler.step(model_output, int(t), x)
+                x, x0 = self.scheduler.step(model_output, int(t), x)
+                if callback is not None:
+                    callback(i, int(t), x0, x)
             return signal_to_mask(x)
