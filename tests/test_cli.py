@@ -108,6 +108,41 @@ def test_strict_fire(capsys: pytest.CaptureFixture) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["--progress", "false"], False),
+        (["--progress=FALSE"], False),
+        (["--progress", "no"], False),
+        (["--progress", "0"], False),
+        (["--progress", "true"], True),
+        (["--noprogress"], False),
+        (["--progress"], True),
+        ([], True),
+    ],
+)
+def test_strict_fire_reads_yes_no_words(words: list[str], expected: bool) -> None:
+    """``--help`` shows a yes/no default as ``true``/``false``: written so on the command line it must mean that."""
+    seen = []
+
+    def main(out: str = "x", progress: bool = True) -> None:
+        seen.append((out, progress))
+
+    strict_fire(main, "scripts.x", [*words, "--out", "y"])
+    assert seen == [("y", expected)]
+
+
+def test_strict_fire_refuses_a_yes_no_option_with_another_value(capsys: pytest.CaptureFixture) -> None:
+    def main(progress: bool = True) -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(SystemExit) as raised:
+        strict_fire(main, "scripts.x", ["--progress", "maybe"])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "ERROR: --progress takes true or false, not 'maybe' for python -m scripts.x"
+
+
 def test_strict_fire_passes_any_option_to_a_function_taking_kwargs() -> None:
     seen = {}
 

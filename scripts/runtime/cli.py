@@ -299,4 +299,43 @@ def strict_fire(fn: Callable[..., Any], prog: str, argv: Sequence[str] | None = 
     if unknown:
         print(f"ERROR: {_unknown(unknown, list(params), f'python -m {prog}')}", file=sys.stderr, flush=True)
         sys.exit(2)
+    switches = {n for n, p in params.items() if isinstance(p.default, bool)}
+    try:
+        argv = _booleans_spelled_out(argv, switches)
+    except ValueError as err:
+        print(f"ERROR: {err} for python -m {prog}", file=sys.stderr, flush=True)
+        sys.exit(2)
     return fire.Fire(fn, command=argv, name=prog)
+
+
+BOOLEAN_WORDS = {**dict.fromkeys(("true", "yes", "on", "1"), True), **dict.fromkeys(("false", "no", "off", "0"), False)}
+"""How a yes/no option may be written (any case); fire itself reads only ``True``/``False``, and would take
+``--progress false`` as the non-empty, so true, string ``"false"``."""
+
+
+def _booleans_spelled_out(argv: Sequence[str], switches: set[str]) -> list[str]:
+    """``argv`` with the value of every yes/no option in ``switches`` written as fire reads it (``True``/``False``);
+    a value that is no yes/no word raises ``ValueError`` naming the option."""
+    out = list(argv)
+    i = 0
+    while i < len(out):
+        word = out[i]
+        if word == "--":
+            break
+        if _is_option(word):
+            name, sep, value = word.lstrip("-").partition("=")
+            key = name.replace("-", "_")
+            has_next = not sep and i + 1 < len(out) and not _is_option(out[i + 1]) and out[i + 1] != "--"
+            if key in switches and (sep or has_next):
+                text = value if sep else out[i + 1]
+                if text.lower() not in BOOLEAN_WORDS:
+                    raise ValueError(f"--{key} takes true or false, not {text!r}")
+                spelled = str(BOOLEAN_WORDS[text.lower()])
+                if sep:
+                    out[i] = f"{word.partition('=')[0]}={spelled}"
+                else:
+                    out[i + 1] = spelled
+            i += 1 if sep or not has_next else 2
+            continue
+        i += 1
+    return out
