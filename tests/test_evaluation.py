@@ -29,7 +29,7 @@ from scripts.bench.evaluation.scores import (
     population_rates,
     ranking_agreement,
 )
-from scripts.bench.evaluation.summary import pooled_detection
+from scripts.bench.evaluation.summary import pooled_detection, summarize_location
 from scripts.bench.synthetic.cohort import generate_cohort
 from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS
@@ -641,6 +641,93 @@ def test_evaluator_scores_where_the_probability_lies(tmp_path: Path) -> None:
     assert (ceiling is not None) == any(factual_placebo)
     if ceiling:
         assert ceiling["n_samples"] == 16 * sum(factual_placebo) and ceiling["tp"] <= ceiling["true_lesions"]
+
+
+class _FactualStub:
+    """A forecaster of the declared interface (``settings``, ``run``, ``preprocess``) whose samples are the true
+    counterfactual masks of every arm; it records which cases it forecast and which it only preprocessed."""
+
+    def __init__(self, datalist: Path) -> None:
+        self.datalist, self.arms = datalist, list(ARMS)
+        self.forecast_ids: list[str] = []
+        self.preprocessed: list[str] = []
+
+    def settings(self) -> dict:
+        return {"arms": self.arms, "num_samples": 2, "seed": 0, "overwrite": True}
+
+    def run(self, listeners=(), skip_ids=()) -> None:
+        for case in load_datalist(self.datalist, "testing"):
+            if case["id"] not in skip_ids:
+                truth = json.loads((self.datalist.parent / "truth" / f"{case['id']}.json").read_text())
+                for listener in listeners:
+                    listener(_case_inputs(case, truth, self.datalist.parent, self.arms, k=2))
+                self.forecast_ids.append(case["id"])
+
+    def preprocess(self, case: dict) -> tuple[dict, np.ndarray]:
+        self.preprocessed.append(case["id"])
+        label = nib.load(case["label"])  # the grids and region map of _case_inputs
+        grid = {"working_affine": label.affine, "reference_affine": label.affine}
+        return {**grid, "reference_shape": np.asarray(label.shape)}, np.full(label.shape, 4, np.uint8)
+
+
+def test_resumed_cases_get_the_location_references_of_a_cohort_written_again_with_them(tmp_path: Path) -> None:
+    """A cohort evaluated before it held the location oracle, then written again with it (same seed: the same
+    images and labels): the resumed evaluation scores the oracle, region prior and outcome draws of every case
+    without forecasting any again, with the scores a fresh evaluation gets; the model's own scores against the
+    outcome draws stay missing (its maps were not kept), and ratios to the oracle are taken on paired cases."""
+    kwargs = {"shape": 32, "spacing": 6.0, "split": (0, 0, 1), "progress": False}
+    datalist = Path(generate_cohort(tmp_path / "c", 2, 4, **kwargs))  # seed 4: both factual masks hold lesions
+    images = {p.name: p.read_bytes() for p in sorted((tmp_path / "c").glob("*/*.nii.gz"))}
+    out = tmp_path / "out"
+    first = Evaluator(datalist, out, figures=False, population_datalist=None).run(_FactualStub(datalist))
+    assert set(first["spatial"]["methods"]) == {"diffusion"}
+    assert "location_oracle" not in (tmp_path / "c" / "truth" / "syn0000.json").read_text()
+
+    generate_cohort(tmp_path / "c", 2, 4, oracle_draws=16, outcome_draws=16, **kwargs)
+    again = {p.name: p.read_bytes() for p in sorted((tmp_path / "c").glob("*/*.nii.gz")) if p.name in images}
+    assert again == images  # the oracle's random streams change nothing else of the cases
+    ids = [c["id"] for c in load_datalist(datalist, "testing")]
+    stub = _FactualStub(datalist)
+    resumed = Evaluator(datalist, out, figures=False, population_datalist=None).run(stub)
+    assert stub.forecast_ids == [] and stub.preprocessed == ids
+    assert any(n.startswith("location references completed: 2 resumed") for n in resumed["notes"])
+    fresh = Evaluator(datalist, tmp_path / "fresh", figures=False, population_datalist=None).run(_FactualStub(datalist))
+    spatial, expected = resumed["spatial"], fresh["spatial"]
+    for name in ("location_oracle", "region_prior"):
+        assert spatial["methods"][name] == expected["methods"][name]
+    assert spatial.get("oracle_sample_lesions") == expected.get("oracle_sample_lesions")
+    diffusion, fresh_diffusion = spatial["methods"]["diffusion"], expected["methods"]["diffusion"]
+    assert "ap_outcomes_mean" not in diffusion and fresh_diffusion["n_cases_outcomes"] == 2
+    ratio = diffusion["ap_ratio_to_oracle"]
+    assert ratio["n_outcomes"] == 0 and ratio["ap_outcomes_mean"] is None and ratio["n_truth"] == 2
+    for key in ("ap_truth_mean", "ap_truth_pooled"):  # a perfect map: AP 1, above the oracle's
+        assert ratio[key] == fresh_diffusion["ap_ratio_to_oracle"][key] and ratio[key] > 1
+
+    stub = _FactualStub(datalist)  # a third run finds every record complete
+    third = Evaluator(datalist, out, figures=False, population_datalist=None).run(stub)
+    assert stub.forecast_ids == [] and stub.preprocessed == []
+    assert third["spatial"] == spatial
+
+
+def test_ratios_to_the_oracle_are_taken_on_paired_cases() -> None:
+    """A map scored against the outcome draws on one case of two: its ratio uses the oracle's score on that case."""
+
+    def cell(ap: float | None, outcomes: float | None = None) -> dict:
+        hist = [[0, 0.0, 9.0], [9, 1.0, 1.0]]  # the same for both maps: pooled ratio 1
+        c = {"ap_truth": ap, "histogram_truth": hist, "ll_truth_sum": -1.0, "voxels": 10, "mass_outside_domain": 0}
+        if outcomes is not None:
+            c.update(ap_outcomes=outcomes, histogram_outcomes=hist, ll_outcomes_sum=-1.0)
+        return c
+
+    records = [
+        {"id": "a", "location": {"domain": "d", "methods": {"m": cell(0.2, 0.1), "location_oracle": cell(0.4, 0.5)}}},
+        {"id": "b", "location": {"domain": "d", "methods": {"m": cell(0.3), "location_oracle": cell(0.2, 0.9)}}},
+        {"id": "c", "location": {"domain": "d", "methods": {"m": cell(None), "location_oracle": cell(0.6, 0.3)}}},
+    ]
+    ratio = summarize_location(records)["methods"]["m"]["ap_ratio_to_oracle"]
+    assert ratio["ap_outcomes_mean"] == pytest.approx(0.1 / 0.5) and ratio["n_outcomes"] == 1
+    assert ratio["ap_truth_mean"] == pytest.approx(0.25 / 0.3) and ratio["n_truth"] == 3  # c: AP undefined
+    assert ratio["ap_truth_pooled"] == pytest.approx(1.0)
 
 
 # ---- the negative-binomial regression baseline ----

@@ -330,12 +330,21 @@ class ForecastRunner:
             )
         return rows
 
+    def preprocess(self, case: dict) -> tuple[dict[str, Any], np.ndarray]:
+        """One case's preprocessed inputs (``cond``, ``horizon``, the working and reference grids) and its region
+        map on the working grid (codes of :data:`scripts.runtime.regions.REGIONS`), without forecasting it."""
+        data = self.dataset.transform(dict(case))
+        working_affine = np.asarray(data["working_affine"], dtype=np.float64)
+        cond = torch.as_tensor(data["cond"]).float()
+        regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
+        return data, regions
+
     @torch.no_grad()
     def forecast_case(self, case: dict, listeners: Sequence[CaseListener] = ()) -> dict[str, Any]:
         """Forecast one case, hand it to the ``listeners`` and write its outputs; returns its ``forecast.json``."""
         case_id = str(case["id"])
         start = time.perf_counter()
-        data = self.dataset.transform(dict(case))
+        data, regions = self.preprocess(case)
         cond = torch.as_tensor(data["cond"]).float()
         horizon = float(torch.as_tensor(data["horizon"]))
         working_affine = np.asarray(data["working_affine"], dtype=np.float64)
@@ -354,7 +363,6 @@ class ForecastRunner:
             > 0.5
         )  # (A, K, *S)
 
-        regions = region_map(cond.numpy(), spacing_mm=float(np.abs(np.diag(working_affine)[:3]).mean()))
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
         allowed = None
         if self.brain_margin is not None:

@@ -51,7 +51,7 @@ from scripts.bench.evaluation.baselines import (
     reference_predictions,
 )
 from scripts.bench.evaluation.conventions import CONVENTIONS, COUNTERFACTUAL_METHODS, DISTANCE_MM, METHOD_LABELS
-from scripts.bench.evaluation.location import case_location
+from scripts.bench.evaluation.location import ORACLE, REGION_PRIOR, case_location
 from scripts.bench.evaluation.plots import evaluation_figures
 from scripts.bench.evaluation.regression import CountRegression, observable_features
 from scripts.bench.evaluation.report import fmt, render_report
@@ -563,6 +563,7 @@ class Evaluator:
         self.key = self.run_key(settings)
         if self.resume:
             self.resumed = self.read_back()
+            self.complete_references(forecaster)
         if not settings["overwrite"]:
             self.notes.append("overwrite was false: cases already forecast were skipped and are not evaluated")
         failure: ForecastFailed | None = None
@@ -601,6 +602,67 @@ class Evaluator:
                 )
             )
         )
+
+    def complete_references(self, forecaster: ForecastRunner) -> list[str]:
+        """Score the truth-only location maps (the generator's location oracle and region prior, the outcome draws
+        and their per-sample ceiling) of resumed cases that were scored before the cohort held them.
+
+        These scores do not depend on the forecast, so the cases are preprocessed (for their region map) but not
+        forecast again; the case files are rewritten with the completed record. The forecast maps of those cases
+        were not kept: the model's own scores against the outcome draws stay missing for them, and the report's
+        ratios to the oracle are taken on the cases both maps were scored on. Returns the completed ids.
+        """
+        folder = self.output_dir / self.CASES_FOLDER
+        cases = {str(c["id"]): c for c in load_datalist(self.datalist, self.split, errors=[])}
+        completed: list[str] = []
+        for case_id in tqdm(self.resumed, desc="location references of resumed cases", unit="case", leave=False):
+            record = self.records[case_id]
+            truth_path = self.truth_dir / f"{case_id}.json"
+            location = record.get("location")
+            if location is None or not truth_path.is_file():
+                continue
+            truth = json.loads(truth_path.read_text())
+            offered = {name for name in (ORACLE, REGION_PRIOR) if "map" in truth.get(name, {})}
+            draws = "frequency" in truth.get("outcome_draws", {})
+            if offered <= set(location["methods"]) and (location.get("outcome_draws") is not None or not draws):
+                continue
+            data, regions = forecaster.preprocess(cases[case_id])
+            affine = np.asarray(data["reference_affine"], dtype=np.float64)
+            shape = [int(v) for v in np.asarray(data["reference_shape"]).reshape(-1)]
+            regions_ref = np.rint(
+                to_reference_grid(
+                    regions.astype(np.float32),
+                    np.asarray(data["working_affine"], dtype=np.float64),
+                    affine,
+                    shape,
+                    mode="nearest",
+                )
+            ).astype(np.uint8)
+            native, native_affine = load_mask(cases[case_id]["label"])
+            label = mask_on_grid(native, native_affine, affine, shape)
+            added = case_location(
+                {}, label, regions_ref, record["treatment"], truth, self.truth_dir.parent, affine, shape
+            )
+            new = [name for name in added["methods"] if name not in location["methods"]]
+            location["methods"].update({name: added["methods"][name] for name in new})
+            for key in ("outcome_draws", "oracle_sample_lesions"):
+                if added.get(key) is not None:
+                    location[key] = added[key]
+            location["completed_later"] = sorted(set(location.get("completed_later", [])) | set(new))
+            path = folder / f"{case_id}.json"
+            state = json.loads(path.read_text())
+            state["record"] = record
+            write_text_atomic(path, json.dumps(strict_json(state), default=json_default, allow_nan=False))
+            completed.append(case_id)
+        if completed:
+            self.notes.append(
+                f"location references completed: {len(completed)} resumed case(s) were scored before the cohort "
+                "held the generator's location oracle, region prior and outcome draws; those were scored now "
+                "(they do not depend on the forecast), while the forecast maps of these cases, not kept, are "
+                "scored against the realised mask only"
+            )
+            logger.info("location references scored for %d resumed case(s)", len(completed))
+        return completed
 
     def read_back(self) -> list[str]:
         """Add the cases of a previous run with the same key (and still in the split); returns their ids."""

@@ -176,7 +176,7 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
         "location_oracle": "location oracle: generator's true probability given the past",
         "region_prior": "region prior: generator's region weights only",
     }
-    rows, region_rows = [], []
+    rows, fit_rows, region_rows = [], [], []
     regions = list(dict.fromkeys(k for m in sp["methods"].values() for k in (m.get("mass_by_region") or {})))
     for name, m in sp["methods"].items():
         ratio = m.get("ap_ratio_to_oracle") or {}
@@ -187,10 +187,18 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
                 fmt(m["n_cases"]),
                 fmt(m.get("ap_truth_mean"), 4),
                 fmt(m.get("ap_truth_pooled"), 4),
+                fmt(ratio.get("ap_truth_mean")),
+                fmt(ratio.get("ap_truth_pooled")),
+                fmt(m.get("n_cases_outcomes")),
                 fmt(m.get("ap_outcomes_mean"), 4),
                 fmt(m.get("ap_outcomes_pooled"), 4),
                 fmt(ratio.get("ap_outcomes_mean")),
                 fmt(ratio.get("ap_outcomes_pooled")),
+            ]
+        )
+        fit_rows.append(
+            [
+                labels.get(name, name),
                 fmt(m.get("ll_truth_per_voxel"), 5),
                 fmt(m.get("ll_outcomes_per_voxel"), 5),
                 fmt(m.get("mass_outside_domain_mean"), percent=True),
@@ -219,10 +227,10 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
         "## Where the probability lies",
         "",
         f"Factual arm, {sp['n_cases']} case(s); domain: {'; '.join(sp['domain'])}. AP: voxel average precision "
-        "of the map on the domain, within case (mean of the cases' APs) and pooled over the cases, against the "
-        "realised NET2 mask and against the share of independent outcome draws with a lesion (when the cohort "
-        "holds them); ratios to the location oracle's AP against the outcome draws; LL: mean log-likelihood per "
-        "domain voxel (probabilities clipped at 1e-6). Mass: share of the map's total probability.",
+        "of the map on the domain, within case (mean of the cases' APs, cases without a lesion left out) and pooled "
+        "over the cases, against the realised NET2 mask and against the share of independent outcome draws with a "
+        "lesion (when the cohort holds them; n with outcome draws: the cases scored so). Ratios to the location "
+        "oracle's AP are taken on the cases both maps were scored on.",
         "",
         _table(
             [
@@ -230,17 +238,30 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
                 "n",
                 "AP vs truth, within case",
                 "AP vs truth, pooled",
+                "ratio to oracle, within case",
+                "ratio to oracle, pooled",
+                "n with outcome draws",
                 "AP vs outcome draws, within case",
                 "AP vs outcome draws, pooled",
-                "AP ratio to oracle, within case",
-                "AP ratio to oracle, pooled",
+                "ratio to oracle, within case",
+                "ratio to oracle, pooled",
+            ],
+            rows,
+        ),
+        "",
+        "Fit and mass: LL, mean log-likelihood per domain voxel (probabilities clipped at 1e-6); mass, share of the "
+        "map's total probability (means over cases).",
+        "",
+        _table(
+            [
+                "map",
                 "LL vs truth",
                 "LL vs outcome draws",
                 "mass outside domain",
                 "mass in white matter",
                 "mass in cortex",
             ],
-            rows,
+            fit_rows,
         ),
         "",
     ]

@@ -258,6 +258,31 @@ def case_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ratios_to_oracle(located: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """AP of map ``name`` over the location oracle's AP, against the realised mask (``truth``) and against the
+    outcome draws (``outcomes``), within case (ratio of the means over cases) and pooled, each on the cases where
+    both maps were scored against that target (``n_truth``, ``n_outcomes``; the within-case ratio leaves out the
+    cases whose AP is undefined, without a lesion), so that a map scored on fewer cases is not set against
+    the oracle's figure on others."""
+    out: dict[str, Any] = {}
+    for target in ("truth", "outcomes"):
+        ap, histogram = f"ap_{target}", f"histogram_{target}"
+        pairs = [
+            (r["location"]["methods"][name], r["location"]["methods"][ORACLE])
+            for r in located
+            if name in r["location"]["methods"] and ORACLE in r["location"]["methods"]
+        ]
+        pooled = [(m, o) for m, o in pairs if histogram in m and histogram in o]  # empty cases count here
+        pairs = [(m, o) for m, o in pairs if m.get(ap) is not None and o.get(ap) is not None]
+        mean_m, mean_o = mean_or_none(m[ap] for m, _ in pairs), mean_or_none(o[ap] for _, o in pairs)
+        pooled_m = histogram_average_precision(m[histogram] for m, _ in pooled) if pooled else None
+        pooled_o = histogram_average_precision(o[histogram] for _, o in pooled) if pooled else None
+        out[f"{ap}_mean"] = mean_m / mean_o if mean_m is not None and mean_o else None
+        out[f"{ap}_pooled"] = pooled_m / pooled_o if pooled_m is not None and pooled_o else None
+        out[f"n_{target}"] = len(pooled)
+    return out
+
+
 def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``spatial`` section of ``metrics.json``, where each map puts its probability: per map the within-case
     AP (mean over cases), the pooled log-likelihood per voxel, the mass outside the domain and by tissue and region
@@ -281,6 +306,7 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         with_outcomes = [c for c in cells if "ap_outcomes" in c]
         if with_outcomes:
             n = sum(c["voxels"] for c in with_outcomes)
+            entry["n_cases_outcomes"] = len(with_outcomes)
             entry["ap_outcomes_mean"] = mean_or_none(c["ap_outcomes"] for c in with_outcomes)
             entry["ap_outcomes_pooled"] = histogram_average_precision(
                 c["histogram_outcomes"] for c in with_outcomes if "histogram_outcomes" in c
@@ -291,13 +317,9 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             if keys:
                 entry[group] = {k: mean_or_none(c[group].get(k) for c in cells if group in c) for k in keys}
         methods[name] = entry
-    oracle = methods.get(ORACLE)
-    if oracle:
-        for entry in methods.values():
-            entry["ap_ratio_to_oracle"] = {
-                key: entry[key] / oracle[key] if entry.get(key) is not None and oracle.get(key) else None
-                for key in ("ap_truth_mean", "ap_outcomes_mean", "ap_truth_pooled", "ap_outcomes_pooled")
-            }
+    if ORACLE in methods:
+        for name, entry in methods.items():
+            entry["ap_ratio_to_oracle"] = ratios_to_oracle(located, name)
     domains = sorted({r["location"]["domain"] for r in located})
     sizes = {
         kind: size_summary([s for r in records for s in r.get("lesion_sizes", {}).get(kind, [])])
