@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import stats
 from scripts.bench.evaluation.evaluator import Evaluator
+from scripts.bench.evaluation.report import fmt
 from scripts.bench.evaluation.scores import (
     ReliabilityAccumulator,
     activity_metrics,
@@ -528,6 +529,16 @@ def test_evaluate_command_writes_metrics_report_and_plots(
 
 
 # ---- location metrics (known answers on hand-built maps) ----
+
+
+def test_report_figures_have_no_negative_zero() -> None:
+    assert [fmt(-1e-16, percent=True), fmt(-0.004), fmt(-0.006), fmt(0.254, percent=True)] == [
+        "0%",
+        "0.00",
+        "-0.01",
+        "25%",
+    ]
+    assert [fmt(3), fmt(True), fmt(None), fmt(float("nan"))] == ["3", "yes", "–", "–"]
 
 
 def test_voxel_average_precision_known_answers() -> None:

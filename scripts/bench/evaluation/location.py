@@ -62,7 +62,7 @@ def score_map(
         "histogram_truth": probability_histogram(prob, label, domain),
         "ll_truth_sum": float(bernoulli_log_likelihood(inside, label[domain]).sum()),
         "voxels": int(domain.sum()),
-        "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else 1.0 - share,
+        "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else max(0.0, 1.0 - share),
         "mass_by_region": {name: mass_share(prob, regions == code) for code, name in enumerate(REGIONS, start=1)},
     }
     if outcomes is not None:

@@ -14,11 +14,12 @@ def fmt(value: Any, digits: int = 2, percent: bool = False) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if percent:
-        return f"{100 * float(value):.0f}%"
-    if isinstance(value, int):
+    if isinstance(value, int) and not percent:
         return str(value)
-    return f"{float(value):.{digits}f}"
+    text = f"{100 * float(value):.0f}" if percent else f"{float(value):.{digits}f}"
+    if float(text) == 0:  # a rounding residue (1 - 1.0000000000000002) is no negative figure
+        text = text.lstrip("-")
+    return f"{text}%" if percent else text
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
