@@ -323,6 +323,10 @@ def test_stopped_evaluation_resumes_with_identical_metrics(tiny_cohort: Path, tm
     assert forecaster.forecast_ids == ids[1:]  # only the cases not scored before
     assert resumed["settings"]["cases_resumed"] == 1 and any("resumed: 1 case" in n for n in resumed["notes"])
     assert _without_timing(resumed) == _without_timing(whole)
+    forecaster = _StubForecaster(tiny_cohort, arms)  # every case read back: the settings still name K
+    again = Evaluator(tiny_cohort, out, figures=False).run(forecaster)
+    assert forecaster.forecast_ids == [] and again["settings"]["num_samples"] == whole["settings"]["num_samples"]
+    assert whole["settings"]["num_samples"] is not None
 
     # other settings (here: the samples per arm), or resume=False: every case again
     forecaster = _StubForecaster(tiny_cohort, arms, num_samples=3)

@@ -559,6 +559,8 @@ class Evaluator:
         """
         settings = forecaster.settings()
         self.arms = list(settings["arms"])
+        if settings.get("num_samples") is not None:  # also when every case is read back from an earlier run
+            self.num_samples = int(settings["num_samples"])
         self.prepare()
         self.key = self.run_key(settings)
         if self.resume:
