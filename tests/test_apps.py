@@ -203,6 +203,9 @@ def test_step_map_scores_have_known_answers() -> None:
     assert scores["mass_outside_parenchyma"] == pytest.approx(0.1)
     assert scores["mass_in_white_matter"] == pytest.approx(0.9)
     assert score_step_map(np.zeros_like(prob), np.zeros_like(label), tissue)["auroc"] is None
+    assert scores["ap_outcomes"] is None
+    # against outcome draws with a lesion at the top voxel in half of them: it is half positive, half negative
+    assert score_step_map(prob, label, tissue, outcomes=label * 0.5)["ap_outcomes"] == pytest.approx(0.5)
 
 
 def test_the_reverse_process_is_traced_step_by_step(tiny_cohort: Path, tiny_weights: Path) -> None:
@@ -226,6 +229,32 @@ def test_the_reverse_process_is_traced_step_by_step(tiny_cohort: Path, tiny_weig
         arms=["ocrelizumab"],
     )[0, 0].numpy()
     assert result["sampled_lesions"] == lesion_sizes(list(samples > 0.5))
+
+
+def test_the_trace_scores_the_location_oracle_and_the_outcome_draws(tmp_path: Path, tiny_weights: Path) -> None:
+    from scripts.bench.synthetic.cohort import generate_cohort
+    from scripts.bench.trajectory import trace_case
+    from scripts.runtime.datalist import load_datalist
+
+    kwargs = {"shape": 32, "spacing": 6.0, "split": (0, 0, 1), "progress": False}
+    datalist = Path(generate_cohort(tmp_path / "c", 1, 4, oracle_draws=4, outcome_draws=4, **kwargs))
+    forecaster = BundleForecaster(REPO_ROOT / "bundle", overrides={**TINY, "ckpt_path": str(tiny_weights)})
+    case = load_datalist(datalist, "testing")[0]
+    factual = trace_case(forecaster, case, datalist, "factual")
+    assert factual["arm"] == case["treatment"]
+    oracle = factual["location_oracle"]
+    assert (
+        oracle is not None
+        and oracle["ap_outcomes"] is not None
+        and oracle["mass_outside_parenchyma"] == pytest.approx(0.0, abs=1e-9)
+    )
+    assert all(step["p0"]["ap_outcomes"] is not None for step in factual["steps"])
+    other = next(arm for arm in ("placebo", "ocrelizumab") if arm != case["treatment"])
+    counterfactual = trace_case(forecaster, case, datalist, other)  # the draws are written for every arm
+    assert counterfactual["arm"] == other and counterfactual["samples"]["ap_outcomes"] is not None
+    assert counterfactual["location_oracle"]["mass"] != pytest.approx(oracle["mass"])  # the arm's keep probability
+    plain = trace_case(forecaster, load_datalist(SAMPLE / "datalist.json", "testing")[0], SAMPLE / "datalist.json")
+    assert plain["location_oracle"] is None and plain["samples"]["ap_outcomes"] is None
 
 
 def _require(module: str, requirements: Path) -> None:

@@ -1,7 +1,7 @@
 """The reverse process step by step: where the forecast's location skill goes between the first and the last step.
 
     python -m scripts.bench.trajectory --datalist data/synthetic/datalist.json --split validation --cases 4 \\
-        [--arm placebo] [--num_samples 8] [--ckpt_path W.pt] [--out trajectory.json]
+        [--arm placebo|factual] [--num_samples 8] [--ckpt_path W.pt] [--out trajectory.json]
 
 For each synthetic case (a cohort of ``python -m scripts.synthetic``, whose ``truth/`` holds the tissue map and the
 true NET2 mask of every arm) the bundle's own forecast (``inference.json``: preprocessing, inferer, seed) runs
@@ -40,8 +40,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WHITE_MATTER = next(code for code, name in TISSUE_LABELS.items() if name == "white_matter")
 
 
-def score_step_map(prob: np.ndarray, label: np.ndarray, tissue: np.ndarray) -> dict[str, Any]:
-    """Location diagnostics of one probability map against one realised NET2 mask (all on one grid)."""
+def score_step_map(
+    prob: np.ndarray, label: np.ndarray, tissue: np.ndarray, outcomes: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Location diagnostics of one probability map against one realised NET2 mask (all on one grid), and with
+    ``outcomes`` (the share of independent outcome draws with a lesion at each voxel) its AP against them."""
     prob = np.clip(np.asarray(prob, np.float64), 0.0, 1.0)
     label = np.asarray(label) > 0
     head = np.asarray(tissue) > 0
@@ -52,7 +55,8 @@ def score_step_map(prob: np.ndarray, label: np.ndarray, tissue: np.ndarray) -> d
         "max": float(prob.max()),
         "auroc": float(roc_auc_score(label[head], prob[head])) if has_both else None,
         "ap": voxel_average_precision(prob, label, head),
-        "mass_outside_parenchyma": None if parenchyma is None else 1.0 - parenchyma,
+        "ap_outcomes": None if outcomes is None else voxel_average_precision(prob, outcomes, head),
+        "mass_outside_parenchyma": None if parenchyma is None else max(0.0, 1.0 - parenchyma),
         "mass_in_white_matter": mass_share(prob, tissue == WHITE_MATTER),
     }
 
@@ -67,11 +71,24 @@ def _truth(case: Mapping[str, Any], datalist: Path) -> dict[str, Any]:
 def trace_case(
     forecaster: BundleForecaster, case: Mapping[str, Any], datalist: Path, arm: str = "placebo"
 ) -> dict[str, Any]:
-    """One case's reverse process under ``arm``: the scores of every step and of the final samples."""
+    """One case's reverse process under ``arm`` (``"factual"``: the case's own treatment): the scores of every step
+    and of the final samples. When the cohort holds the location oracle (``--oracle_draws``) it is scored too, as the
+    reference; with outcome draws (``--outcome_draws``) every map is also scored against those of the arm."""
     truth = _truth(case, datalist)
-    tissue_image = nib.load(str(datalist.parent / truth["tissue"]))
-    tissue = np.asarray(tissue_image.dataobj)
-    label = np.asarray(nib.load(str(datalist.parent / truth["counterfactual_labels"][arm])).dataobj) > 0
+    arm = str(case["treatment"]) if arm == "factual" else arm
+    root = datalist.parent
+    tissue = np.asarray(nib.load(str(root / truth["tissue"])).dataobj)
+    label = np.asarray(nib.load(str(root / truth["counterfactual_labels"][arm])).dataobj) > 0
+    outcomes = None
+    draws = truth.get("outcome_draws", {})
+    if "frequency" in draws and arm in draws.get("arms", []):  # one volume per arm
+        frequency = nib.load(str(root / draws["frequency"])).dataobj[..., list(draws["arms"]).index(arm)]
+        outcomes = np.clip(np.asarray(frequency, np.float64), 0.0, 1.0)
+    oracle = None
+    if "map" in truth.get("location_oracle", {}):  # the placebo map and every arm's keep probability
+        reference = truth["location_oracle"]
+        coverage = np.asarray(nib.load(str(root / reference["map"])).dataobj, np.float64)
+        oracle = score_step_map(float(reference["keep_probability"][arm]) * coverage, label, tissue, outcomes)
     data = forecaster.preprocessing(dict(case))
     working, reference = np.asarray(data["working_affine"]), np.asarray(data["reference_affine"])
     shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]
@@ -88,8 +105,8 @@ def trace_case(
             {
                 "step": step,
                 "timestep": timestep,
-                "p0": score_step_map(on_reference(p0), label, tissue),
-                "state": score_step_map(on_reference(state), label, tissue),
+                "p0": score_step_map(on_reference(p0), label, tissue, outcomes),
+                "state": score_step_map(on_reference(state), label, tissue, outcomes),
             }
         )
 
@@ -104,7 +121,8 @@ def trace_case(
         "true_expected_count": float(truth["expected_count"][arm]),
         "true_lesions": lesion_sizes([label]),
         "steps": steps,
-        "samples": score_step_map(on_reference(samples.mean(0)), label, tissue),
+        "samples": score_step_map(on_reference(samples.mean(0)), label, tissue, outcomes),
+        "location_oracle": oracle,
         "sampled_lesions": lesion_sizes(list(samples)),
     }
 
@@ -116,6 +134,7 @@ def _row(name: str, scores: Mapping[str, Any]) -> str:
     return (
         f"  {name:22s} mass {cell(scores['mass'], '8.2f')}  max {cell(scores['max'], '.3f')}  "
         f"AUROC {cell(scores['auroc'], '.3f')}  AP {cell(scores['ap'], '.4f')}  "
+        f"AP vs draws {cell(scores.get('ap_outcomes'), '.4f')}  "
         f"outside parenchyma {cell(scores['mass_outside_parenchyma'], '.2f')}  "
         f"white matter {cell(scores['mass_in_white_matter'], '.2f')}"
     )
@@ -131,8 +150,8 @@ def main(
     device: str = "cpu",
     out: str | None = None,
 ) -> None:
-    """Trace the reverse process of the first ``cases`` cases of ``split`` and print (and with ``out`` save) the
-    scores of every step."""
+    """Trace the reverse process of the first ``cases`` cases of ``split`` under ``arm`` (an arm name, or
+    ``factual`` for each case's own treatment) and print (and with ``out`` save) the scores of every step."""
     overrides: dict[str, Any] = {"num_samples": num_samples, "device": device}
     if ckpt_path:
         overrides["ckpt_path"] = os.path.abspath(ckpt_path)
@@ -144,7 +163,7 @@ def main(
         results.append(result)
         sizes = result["sampled_lesions"]
         print(
-            f"case {result['id']} ({arm}): true expected count {result['true_expected_count']:.2f}, "
+            f"case {result['id']} ({result['arm']}): true expected count {result['true_expected_count']:.2f}, "
             f"true lesions {result['true_lesions']['lesions']} (median {result['true_lesions']['median_voxels']} "
             f"voxels); sampled {sizes['lesions'] / num_samples:.1f} lesions per sample, median "
             f"{sizes['median_voxels']} voxels, single-voxel share {sizes['single_voxel_share']}"
@@ -152,6 +171,8 @@ def main(
         for step in result["steps"]:
             print(_row(f"step {step['step']} t={step['timestep']} p0", step["p0"]))
         print(_row("samples", result["samples"]))
+        if result["location_oracle"] is not None:
+            print(_row("location oracle", result["location_oracle"]))
     if out:
         Path(out).write_text(json.dumps({"arm": arm, "num_samples": num_samples, "cases": results}, indent=2))
         print(f"written {out}")
