@@ -240,8 +240,10 @@ def test_the_trace_scores_the_location_oracle_and_the_outcome_draws(tmp_path: Pa
     datalist = Path(generate_cohort(tmp_path / "c", 1, 4, oracle_draws=4, outcome_draws=4, **kwargs))
     forecaster = BundleForecaster(REPO_ROOT / "bundle", overrides={**TINY, "ckpt_path": str(tiny_weights)})
     case = load_datalist(datalist, "testing")[0]
-    factual = trace_case(forecaster, case, datalist, "factual")
+    factual = trace_case(forecaster, case, datalist, "factual", exact_draws=4)
     assert factual["arm"] == case["treatment"]
+    exact = factual["exact_draws"]  # the generator's own draws: lesions only in the parenchyma
+    assert exact["draws"] == 4 and exact["mass_outside_parenchyma"] in (None, pytest.approx(0.0, abs=1e-9))
     oracle = factual["location_oracle"]
     assert (
         oracle is not None

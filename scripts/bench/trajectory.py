@@ -1,7 +1,7 @@
 """The reverse process step by step: where the forecast's location skill goes between the first and the last step.
 
     python -m scripts.bench.trajectory --datalist data/synthetic/datalist.json --split validation --cases 4 \\
-        [--arm placebo|factual] [--num_samples 8] [--ckpt_path W.pt] [--out trajectory.json]
+        [--arm placebo|factual] [--num_samples 8] [--ckpt_path W.pt] [--exact_draws 8] [--out trajectory.json]
 
 For each synthetic case (a cohort of ``python -m scripts.synthetic``, whose ``truth/`` holds the tissue map and the
 true NET2 mask of every arm) the bundle's own forecast (``inference.json``: preprocessing, inferer, seed) runs
@@ -27,7 +27,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from scripts.bench.evaluation.scores import lesion_sizes, mass_share, voxel_average_precision
-from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS
+from scripts.bench.synthetic.case import generate_case
+from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS, CohortConfig
 from scripts.runtime.cli import strict_fire
 from scripts.runtime.datalist import load_datalist
 from scripts.runtime.grids import to_reference_grid
@@ -68,12 +69,38 @@ def _truth(case: Mapping[str, Any], datalist: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def exact_draws_map(truth: Mapping[str, Any], datalist: Path, arm: str, draws: int) -> np.ndarray:
+    """The share of ``draws`` independent outcome draws of the generator with a lesion at each voxel: the map an
+    exact sampler's ``draws`` samples would give (the case is generated again from its seed and checked against the
+    cohort's label of ``arm``)."""
+    cohort = json.loads((datalist.parent / "cohort.json").read_text())
+    config = dict(cohort["config"])
+    case = generate_case(
+        int(truth["case_index"]),
+        int(truth["seed"]),
+        shape=truth["grid"]["shape"],
+        spacing=truth["grid"]["spacing"],
+        horizon_weeks=float(truth["horizon_weeks"]),
+        config=CohortConfig(**config),
+        treatment=str(truth["treatment"]),
+        outcome_draws=int(draws),
+    )
+    label = np.asarray(nib.load(str(datalist.parent / truth["counterfactual_labels"][arm])).dataobj) > 0
+    if not np.array_equal(case.counterfactual[arm] > 0, label):
+        raise ValueError(
+            f"case {truth['id']}: generated again from its seed, its {arm} label differs from the cohort's"
+        )
+    return case.outcome_frequency[arm]
+
+
 def trace_case(
-    forecaster: BundleForecaster, case: Mapping[str, Any], datalist: Path, arm: str = "placebo"
+    forecaster: BundleForecaster, case: Mapping[str, Any], datalist: Path, arm: str = "placebo", exact_draws: int = 0
 ) -> dict[str, Any]:
     """One case's reverse process under ``arm`` (``"factual"``: the case's own treatment): the scores of every step
     and of the final samples. When the cohort holds the location oracle (``--oracle_draws``) it is scored too, as the
-    reference; with outcome draws (``--outcome_draws``) every map is also scored against those of the arm."""
+    reference; with outcome draws (``--outcome_draws``) every map is also scored against those of the arm. With
+    ``exact_draws`` > 0 the empirical map of that many fresh outcome draws is scored too: what an exact sampler's
+    K-sample map reaches."""
     truth = _truth(case, datalist)
     arm = str(case["treatment"]) if arm == "factual" else arm
     root = datalist.parent
@@ -123,6 +150,12 @@ def trace_case(
         "steps": steps,
         "samples": score_step_map(on_reference(samples.mean(0)), label, tissue, outcomes),
         "location_oracle": oracle,
+        "exact_draws": None
+        if exact_draws <= 0
+        else {
+            "draws": int(exact_draws),
+            **score_step_map(exact_draws_map(truth, datalist, arm, exact_draws), label, tissue, outcomes),
+        },
         "sampled_lesions": lesion_sizes(list(samples)),
     }
 
@@ -148,10 +181,12 @@ def main(
     num_samples: int = 8,
     ckpt_path: str | None = None,
     device: str = "cpu",
+    exact_draws: int = 0,
     out: str | None = None,
 ) -> None:
     """Trace the reverse process of the first ``cases`` cases of ``split`` under ``arm`` (an arm name, or
-    ``factual`` for each case's own treatment) and print (and with ``out`` save) the scores of every step."""
+    ``factual`` for each case's own treatment) and print (and with ``out`` save) the scores of every step; with
+    ``exact_draws`` K also those of K exact outcome draws of the generator."""
     overrides: dict[str, Any] = {"num_samples": num_samples, "device": device}
     if ckpt_path:
         overrides["ckpt_path"] = os.path.abspath(ckpt_path)
@@ -159,7 +194,7 @@ def main(
     path = Path(datalist)
     results = []
     for case in load_datalist(path, split)[: int(cases)]:
-        result = trace_case(forecaster, case, path, arm)
+        result = trace_case(forecaster, case, path, arm, exact_draws)
         results.append(result)
         sizes = result["sampled_lesions"]
         print(
@@ -173,6 +208,8 @@ def main(
         print(_row("samples", result["samples"]))
         if result["location_oracle"] is not None:
             print(_row("location oracle", result["location_oracle"]))
+        if result["exact_draws"] is not None:
+            print(_row(f"{exact_draws} exact draws", result["exact_draws"]))
     if out:
         Path(out).write_text(json.dumps({"arm": arm, "num_samples": num_samples, "cases": results}, indent=2))
         print(f"written {out}")
