@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,13 +19,13 @@ SMALL_NET = {
 """A diffusion U-Net small enough for unit tests on 16^3 volumes."""
 
 
-def perturbed_small_net() -> torch.nn.Module:
-    """``ForecastDiffusionUNet(**SMALL_NET)`` in eval mode with perturbed weights (seed 0): the U-Net's output
-    convolution starts at zero, so without the perturbation no input would visibly reach the output."""
+def perturbed_small_net(**kwargs: Any) -> torch.nn.Module:
+    """``ForecastDiffusionUNet(**SMALL_NET, **kwargs)`` in eval mode with perturbed weights (seed 0): the U-Net's
+    output convolution starts at zero, so without the perturbation no input would visibly reach the output."""
     from scripts.runtime.network import ForecastDiffusionUNet
 
     torch.manual_seed(0)
-    network = ForecastDiffusionUNet(**SMALL_NET).eval()
+    network = ForecastDiffusionUNet(**SMALL_NET, **kwargs).eval()
     with torch.no_grad():
         for p in network.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -55,6 +55,31 @@ def test_noisy_voxel_reaches_its_own_output_voxel(net: ForecastDiffusionUNet) ->
     assert diff[8:, 9:, 10:].max() == 0.0  # beyond the head's two 3x3x3 convolutions nothing changes
 
 
+@pytest.mark.parametrize("head_cond_channels", [0, 15])
+def test_head_sees_the_conditioning_at_full_resolution_when_asked(head_cond_channels: int) -> None:
+    # FLAIR of visit 1 changed at one voxel, the patch embedding blind to it: only a head that takes the first 15
+    # cond channels (the images and masks) sees the change, at that voxel and within its two 3x3x3 convolutions
+    flair = CONDITION_CHANNELS.index("flair_1")
+    blind = perturbed_small_net(head_cond_channels=head_cond_channels)
+    with torch.no_grad():
+        blind.patch_embed.weight[:, 1 + flair] = 0.0
+    x, t, cond, treatment, horizon = _inputs(1)
+    bumped = cond.clone()
+    bumped[0, flair, 5, 6, 7] += 2.0
+    with torch.no_grad():
+        diff = (blind(x, t, bumped, treatment, horizon) - blind(x, t, cond, treatment, horizon)).abs()[0, 0]
+    if head_cond_channels:
+        assert diff[5, 6, 7] > 1e-4 and diff[8:, 9:, 10:].max() == 0.0
+    else:
+        assert diff.max() == 0.0
+    assert sum(p.numel() for p in blind.head.conv1.parameters()) == 16 * (16 + 1 + head_cond_channels) * 27 + 16
+
+
+def test_head_cond_channels_are_checked() -> None:
+    with pytest.raises(ValueError, match="head_cond_channels must be in"):
+        ForecastDiffusionUNet(**SMALL_NET, head_cond_channels=len(CONDITION_CHANNELS) + 1)
+
+
 def test_treatment_token_changes_output(net: ForecastDiffusionUNet) -> None:
     x, t, cond, treatment, horizon = _inputs()
     with torch.no_grad():

@@ -78,7 +78,8 @@ class TreatmentHorizonEmbedding(nn.Module):
 
 
 class VoxelHead(nn.Module):
-    """Full-resolution head: features + noisy signal -> conv3 -> FiLM(embedding) -> SiLU -> conv3 -> prediction.
+    """Full-resolution head: features + noisy signal (+ local conditioning) -> conv3 -> FiLM(embedding) -> SiLU ->
+    conv3 -> prediction.
 
     Args:
         spatial_dims: 1, 2 or 3.
@@ -87,6 +88,7 @@ class VoxelHead(nn.Module):
         hidden_channels: width of the head.
         out_channels: channels of the prediction.
         embed_dim: size of the time/condition embedding that modulates the head.
+        local_channels: channels of full-resolution conditioning concatenated too (0: none).
     """
 
     def __init__(
@@ -97,15 +99,20 @@ class VoxelHead(nn.Module):
         hidden_channels: int,
         out_channels: int,
         embed_dim: int,
+        local_channels: int = 0,
     ) -> None:
         super().__init__()
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
-        self.conv1 = conv(feature_channels + noisy_channels, hidden_channels, 3, padding=1)
+        self.local_channels = int(local_channels)
+        self.conv1 = conv(feature_channels + noisy_channels + self.local_channels, hidden_channels, 3, padding=1)
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * hidden_channels))
         self.conv2 = conv(hidden_channels, out_channels, 3, padding=1)
 
-    def forward(self, features: torch.Tensor, noisy: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(features if noisy is None else torch.cat([features, noisy.to(features.dtype)], dim=1))
+    def forward(
+        self, features: torch.Tensor, noisy: torch.Tensor | None, emb: torch.Tensor, local: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        parts = [features] + [v.to(features.dtype) for v in (noisy, local) if v is not None]
+        h = self.conv1(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
         emb = emb.expand(h.shape[0], -1) if emb.shape[0] == 1 else emb
         scale, shift = self.film(emb).to(h.dtype).reshape(h.shape[0], -1, *([1] * (h.ndim - 2))).chunk(2, dim=1)
         return self.conv2(nn.functional.silu(h * (1 + scale) + shift))
@@ -124,7 +131,9 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
     The last ``patient_channels`` channels of ``cond`` are patient-level features, constant in space (the whole-volume
     lesion load, :data:`~scripts.runtime.constants.LOAD_CHANNELS`): their spatial mean joins the treatment and horizon
     in the embedding, so every residual block of a training crop knows how active the whole brain was, also where the
-    crop holds no lesion.
+    crop holds no lesion. With ``head_cond_channels`` k > 0 the first k channels of ``cond`` (the images and masks,
+    :data:`~scripts.runtime.constants.CONDITION_CHANNELS` order) also reach the full-resolution head, so a voxel's
+    logit can follow tissue borders finer than the patch (default 0: the shipped architecture).
 
     Returns the network's prediction (v, epsilon or x0, per the scheduler) with the shape of ``x``. Spatial sizes
     must be divisible by ``patch_size * 2 ** (len(channels) - 1)``. When ``cond`` is
@@ -149,6 +158,7 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         patch_size: int = 2,
         head_channels: int = 16,
         patient_channels: int = len(LOAD_CHANNELS),  # noqa: B008 (an int, fixed at import)
+        head_cond_channels: int = 0,
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -165,6 +175,11 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
         )
         if not 0 <= patient_channels <= cond_channels:
             raise ValueError(f"patient_channels must be in [0, cond_channels={cond_channels}], got {patient_channels}")
+        if not 0 <= head_cond_channels <= cond_channels:
+            raise ValueError(
+                f"head_cond_channels must be in [0, cond_channels={cond_channels}], got {head_cond_channels}"
+            )
+        self.head_cond_channels = int(head_cond_channels)
         self.cond_channels = cond_channels
         self.patient_channels = patient_channels
         self.noisy_channels = noisy_channels
@@ -179,7 +194,15 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
             horizon_scale=horizon_scale,
             patient_features=patient_channels,
         )
-        self.head = VoxelHead(spatial_dims, head_channels, noisy_channels, head_channels, out_channels, channels[0] * 4)
+        self.head = VoxelHead(
+            spatial_dims,
+            head_channels,
+            noisy_channels,
+            head_channels,
+            out_channels,
+            channels[0] * 4,
+            local_channels=self.head_cond_channels,
+        )
 
     @staticmethod
     def condition_labels(
@@ -215,7 +238,13 @@ class ForecastDiffusionUNet(DiffusionModelUNet):
                 treatment.reshape(-1).expand(n), horizon.reshape(-1).expand(n), patient
             )
         h = super().forward(self.patch_embed(x), timesteps, context=context, class_labels=class_labels)
-        return self.head(self.patch_unembed(h), noisy, self.embedding(timesteps, class_labels, x.dtype))
+        # the first cond channels at full resolution: the patch embedding alone sees tissue borders at patch scale
+        local = (
+            x[:, self.noisy_channels : self.noisy_channels + self.head_cond_channels]
+            if self.head_cond_channels
+            else None
+        )
+        return self.head(self.patch_unembed(h), noisy, self.embedding(timesteps, class_labels, x.dtype), local)
 
     def embedding(self, timesteps: torch.Tensor, class_labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The time + treatment/horizon embedding the U-Net adds in every residual block (recomputed for the head)."""
