@@ -26,6 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from scripts.bench.evaluation.location import ORACLE, outcome_frequency, reference_map
 from scripts.bench.evaluation.scores import lesion_sizes, mass_share, voxel_average_precision
 from scripts.bench.synthetic.case import generate_case
 from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS, CohortConfig
@@ -57,7 +58,7 @@ def score_step_map(
         "auroc": float(roc_auc_score(label[head], prob[head])) if has_both else None,
         "ap": voxel_average_precision(prob, label, head),
         "ap_outcomes": None if outcomes is None else voxel_average_precision(prob, outcomes, head),
-        "mass_outside_parenchyma": None if parenchyma is None else max(0.0, 1.0 - parenchyma),
+        "mass_outside_parenchyma": None if parenchyma is None else 1.0 - parenchyma,
         "mass_in_white_matter": mass_share(prob, tissue == WHITE_MATTER),
     }
 
@@ -74,14 +75,13 @@ def exact_draws_map(truth: Mapping[str, Any], datalist: Path, arm: str, draws: i
     exact sampler's ``draws`` samples would give (the case is generated again from its seed and checked against the
     cohort's label of ``arm``)."""
     cohort = json.loads((datalist.parent / "cohort.json").read_text())
-    config = dict(cohort["config"])
     case = generate_case(
         int(truth["case_index"]),
         int(truth["seed"]),
         shape=truth["grid"]["shape"],
         spacing=truth["grid"]["spacing"],
         horizon_weeks=float(truth["horizon_weeks"]),
-        config=CohortConfig(**config),
+        config=CohortConfig(**cohort["config"]),
         treatment=str(truth["treatment"]),
         outcome_draws=int(draws),
     )
@@ -105,17 +105,12 @@ def trace_case(
     arm = str(case["treatment"]) if arm == "factual" else arm
     root = datalist.parent
     tissue = np.asarray(nib.load(str(root / truth["tissue"])).dataobj)
-    label = np.asarray(nib.load(str(root / truth["counterfactual_labels"][arm])).dataobj) > 0
-    outcomes = None
-    draws = truth.get("outcome_draws", {})
-    if "frequency" in draws and arm in draws.get("arms", []):  # one volume per arm
-        frequency = nib.load(str(root / draws["frequency"])).dataobj[..., list(draws["arms"]).index(arm)]
-        outcomes = np.clip(np.asarray(frequency, np.float64), 0.0, 1.0)
-    oracle = None
-    if "map" in truth.get("location_oracle", {}):  # the placebo map and every arm's keep probability
-        reference = truth["location_oracle"]
-        coverage = np.asarray(nib.load(str(root / reference["map"])).dataobj, np.float64)
-        oracle = score_step_map(float(reference["keep_probability"][arm]) * coverage, label, tissue, outcomes)
+    label_image = nib.load(str(root / truth["counterfactual_labels"][arm]))
+    label = np.asarray(label_image.dataobj) > 0
+    grid = (label_image.affine, list(label.shape))
+    outcomes = outcome_frequency(truth, root, arm, *grid)
+    oracle_map = reference_map(truth, root, ORACLE, arm, *grid)
+    oracle = None if oracle_map is None else score_step_map(oracle_map, label, tissue, outcomes)
     data = forecaster.preprocessing(dict(case))
     working, reference = np.asarray(data["working_affine"]), np.asarray(data["reference_affine"])
     shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]

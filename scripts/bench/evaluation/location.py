@@ -46,6 +46,30 @@ def volume_on_grid(
     return on_grid(data[..., index] if index is not None else data, image.affine, affine, shape, mode=mode)
 
 
+def reference_map(
+    truth: Mapping[str, Any], truth_root: Path, name: str, arm: str, affine: np.ndarray, shape: list[int]
+) -> np.ndarray | None:
+    """The generator's map ``name`` (:data:`ORACLE` or :data:`REGION_PRIOR`) of ``arm`` on the grid: the placebo map
+    written with the cohort times the arm's keep probability; None when the cohort was written without it."""
+    reference = truth.get(name, {})
+    if "map" not in reference:
+        return None
+    coverage = volume_on_grid(truth_root / reference["map"], affine, shape, "bilinear")
+    return np.clip(float(reference["keep_probability"][arm]) * coverage, 0.0, 1.0)
+
+
+def outcome_frequency(
+    truth: Mapping[str, Any], truth_root: Path, arm: str, affine: np.ndarray, shape: list[int]
+) -> np.ndarray | None:
+    """The share of the cohort's independent outcome draws of ``arm`` with a lesion at each voxel, on the grid; None
+    when the cohort was written without outcome draws."""
+    draws = truth.get("outcome_draws", {})
+    if "frequency" not in draws:
+        return None
+    index = list(draws.get("arms", ARMS)).index(arm)
+    return np.clip(volume_on_grid(truth_root / draws["frequency"], affine, shape, "bilinear", index=index), 0.0, 1.0)
+
+
 def score_map(
     prob: np.ndarray,
     label: np.ndarray,
@@ -62,7 +86,7 @@ def score_map(
         "histogram_truth": probability_histogram(prob, label, domain),
         "ll_truth_sum": float(bernoulli_log_likelihood(inside, label[domain]).sum()),
         "voxels": int(domain.sum()),
-        "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else max(0.0, 1.0 - share),
+        "mass_outside_domain": None if (share := mass_share(prob, domain)) is None else 1.0 - share,
         "mass_by_region": {name: mass_share(prob, regions == code) for code, name in enumerate(REGIONS, start=1)},
     }
     if outcomes is not None:
@@ -88,7 +112,7 @@ def case_location(
 ) -> dict[str, Any]:
     """Location scores of every map of one case under its factual arm; with a synthetic truth file the domain is
     the generator's parenchyma and the oracle and outcome draws join (when the cohort was written with them)."""
-    tissue = outcomes = None
+    tissue = None
     truth = truth or {}
     if "tissue" in truth:
         tissue = np.rint(volume_on_grid(truth_root / truth["tissue"], affine, shape, "nearest")).astype(np.int16)
@@ -96,24 +120,11 @@ def case_location(
     else:
         domain, domain_name = regions > 0, "brain found in the case's own images (region map)"
     scored = dict(maps)
-    for name in (ORACLE, REGION_PRIOR):  # both hold the placebo map and every arm's keep probability
-        reference = truth.get(name, {})
-        if "map" in reference:
-            coverage = volume_on_grid(truth_root / reference["map"], affine, shape, "bilinear")
-            scored[name] = np.clip(float(reference["keep_probability"][factual]) * coverage, 0.0, 1.0)
+    for name in (ORACLE, REGION_PRIOR):
+        if (reference := reference_map(truth, truth_root, name, factual, affine, shape)) is not None:
+            scored[name] = reference
+    outcomes = outcome_frequency(truth, truth_root, factual, affine, shape)
     draws = truth.get("outcome_draws", {})
-    if "frequency" in draws:
-        outcomes = np.clip(
-            volume_on_grid(
-                truth_root / draws["frequency"],
-                affine,
-                shape,
-                "bilinear",
-                index=list(draws.get("arms", ARMS)).index(factual),
-            ),
-            0.0,
-            1.0,
-        )
     out: dict[str, Any] = {
         "domain": domain_name,
         "outcome_draws": draws.get("draws") if outcomes is not None else None,

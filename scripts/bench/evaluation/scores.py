@@ -413,10 +413,11 @@ def mean_log_likelihood(prob: np.ndarray, target: np.ndarray, where: np.ndarray 
 
 
 def mass_share(prob: np.ndarray, inside: np.ndarray) -> float | None:
-    """Share of a probability map's total mass that lies on the voxels ``inside`` (None for an empty map)."""
+    """Share of a probability map's total mass that lies on the voxels ``inside`` (None for an empty map), at most 1
+    (a partial sum can exceed the total by its rounding)."""
     prob = np.asarray(prob, np.float64)
     total = prob.sum()
-    return float(prob[np.asarray(inside, bool)].sum() / total) if total > 0 else None
+    return min(1.0, float(prob[np.asarray(inside, bool)].sum() / total)) if total > 0 else None
 
 
 def lesion_voxel_counts(mask: np.ndarray) -> list[int]:
