@@ -22,7 +22,7 @@ from monai.bundle import ConfigParser
 from scripts.runtime.errors import CaseError, InputError
 from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.service import BundleForecaster, case_from_folder, resolve_case, stack_arm_maps
-from scripts.runtime.transforms import LoadCased, forecast_postprocessing
+from scripts.runtime.transforms import ForecastMapsd, LoadCased, forecast_postprocessing
 
 from tests.conftest import CONFIGS, REPO_ROOT
 
@@ -62,6 +62,17 @@ def test_postprocessing_is_the_forecast_default_and_puts_maps_on_the_reference_g
         np.testing.assert_array_equal(mask[0], (expected >= 0.5).astype(np.uint8))
         np.testing.assert_allclose(out["prob"].affine.numpy(), reference)
         assert 0.1 < prob.max() <= 1.0
+        assert "agreement" not in out
+    # the conditional mean as the probability map: the mask still holds what half of the samples agree on
+    mean = rng.random((1, 8, 8, 8)).astype(np.float32) * 0.2
+    out = forecast_postprocessing("conditional_mean")({**data, "pred": torch.from_numpy(samples), "mean": mean})
+    expected_mean = np.clip(to_reference_grid(mean[0], working, reference, [20, 24, 16]), 0, 1)
+    np.testing.assert_allclose(np.asarray(out["prob"])[0], expected_mean, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["mask"])[0], (expected >= 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="needs 'mean'"):
+        ForecastMapsd("pred", probability="conditional_mean")({"pred": torch.from_numpy(samples)})
+    with pytest.raises(ValueError, match="probability_map"):
+        forecast_postprocessing("median")
 
 
 def test_load_cased_takes_what_monai_label_hands_it(tiny_cohort: Path) -> None:

@@ -35,9 +35,11 @@ from scripts.runtime.transforms import (
     CropWeightsFromInputsd,
     LoadCased,
     RandDropInputsd,
+    SoftMaskd,
     ToReferenceGridd,
     ToWorkingGridd,
     scale_foreground_percentiles,
+    soft_mask,
 )
 
 from tests.conftest import config_preprocessing
@@ -548,6 +550,31 @@ def test_crop_weights_come_from_inputs_only():
     assert int((weights == 1.0).sum()) == 8**3 - 2
     same = CropWeightsFromInputsd(lesion_weight=10.0)({"cond": cond, "label": torch.zeros_like(label)})
     assert torch.equal(same["crop_weight"], weights)  # the label plays no part
+
+
+def test_soft_mask_known_values_and_threshold_round_trip() -> None:
+    mask = np.zeros((9, 9, 9), dtype=np.float32)
+    mask[4, 4, 4] = 1.0
+    soft = soft_mask(mask, 0.7)
+    sigmoid = lambda d: 1.0 / (1.0 + np.exp(-d / 0.7))  # noqa: E731
+    assert soft[4, 4, 4] == pytest.approx(sigmoid(0.5), abs=1e-6)  # the lesion voxel: half a voxel inside
+    assert soft[4, 4, 5] == pytest.approx(sigmoid(-0.5), abs=1e-6)  # a face neighbour: half a voxel outside
+    assert soft[4, 5, 5] == pytest.approx(sigmoid(0.5 - np.sqrt(2.0)), abs=1e-6)
+    assert soft[4, 4, 7] == pytest.approx(sigmoid(-2.5), abs=1e-6)
+    # deeper inside a lesion is closer to 1; thresholding at 1/2 gives any mask back
+    block = np.zeros((9, 9, 9), dtype=np.float32)
+    block[2:7, 2:7, 2:7] = 1.0
+    assert soft_mask(block, 0.7)[4, 4, 4] == pytest.approx(sigmoid(2.5), abs=1e-6)
+    random_mask = (np.random.default_rng(0).random((12, 12, 12)) > 0.8).astype(np.float32)
+    for softness in (0.3, 0.7, 1.5):
+        assert np.array_equal(soft_mask(random_mask, softness) > 0.5, random_mask > 0.5)
+    assert np.array_equal(soft_mask(random_mask, 0.0), random_mask)
+    assert not soft_mask(np.zeros((4, 4, 4)), 0.7).any() and soft_mask(np.ones((4, 4, 4)), 0.7).min() == 1.0
+    out = SoftMaskd("label", softness=0.7)({"label": torch.from_numpy(mask[None])})["label"]
+    assert out.shape == (1, 9, 9, 9) and out.dtype == torch.float32
+    assert np.allclose(out[0].numpy(), soft)
+    with pytest.raises(ValueError, match="softness"):
+        SoftMaskd("label", softness=-1.0)
 
 
 def test_snapped_working_grid_keeps_one_voxel_lesions() -> None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import monai
 import pytest
 import torch
 from scripts.runtime.constants import ARMS, CONDITION_CHANNELS, LOAD_CHANNELS, NULL_TREATMENT
 from scripts.runtime.inferer import ForecastInferer, ThresholdInferer
 from scripts.runtime.network import DeterministicForecastNet, ForecastDiffusionUNet
-from scripts.runtime.sampler import ForecastSampler
+from scripts.runtime.sampler import ForecastSampler, cpu_has_native_bf16
 from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal, signal_to_mask
-from scripts.training.engines import MaskDiffusionPrepareBatch, WeightedBCEWithLogitsLoss
+from scripts.training.engines import (
+    AutocastInferer,
+    MaskDiffusionPrepareBatch,
+    WeightedBCEWithLogitsLoss,
+    WeightedTarget,
+)
 
 from tests.conftest import SMALL_NET, perturbed_small_net
 
@@ -193,7 +200,7 @@ def test_prepare_batch_and_loss(net: ForecastDiffusionUNet) -> None:
     logits_scheduler = ForecastScheduler(lesion_weight=10.0)
     x_in, target, _, kwargs = MaskDiffusionPrepareBatch(logits_scheduler)(batch)
     min_snr = logits_scheduler.loss_weights(kwargs["timesteps"]).reshape(4, 1, 1, 1, 1)
-    assert torch.allclose(target.weight, min_snr * torch.where(batch["label"] > 0, 10.0, 1.0))
+    assert torch.allclose(target.weight, min_snr) and target.pos_weight == 10.0
     assert x_in.abs().max() <= logits_scheduler.llr_clip / logits_scheduler.llr_scale + 1e-6
     perfect = WeightedBCEWithLogitsLoss()(40.0 * target.target, target)
     wrong = WeightedBCEWithLogitsLoss()(-40.0 * target.target, target)
@@ -239,6 +246,25 @@ def test_inferer_counterfactual_layout_and_seed(net: ForecastDiffusionUNet) -> N
     assert torch.equal(factual, both[:, 0])  # same noise, same arm -> same samples
 
 
+def test_conditional_mean_is_the_first_step_prediction(net: ForecastDiffusionUNet) -> None:
+    _, _, cond, _, horizon = _inputs()
+    scheduler = ForecastScheduler(lesion_weight=20.0)
+    inferer = ForecastInferer(scheduler, num_samples=3, num_inference_steps=2, seed=5, precision="float32")
+    draws = inferer.draw(cond, net, horizon=horizon, arms=["placebo", "ocrelizumab"])
+    assert draws.samples.shape == (2, 2, 3, SIZE, SIZE, SIZE) and draws.mean.shape == (2, 2, SIZE, SIZE, SIZE)
+    assert torch.equal(draws.samples, inferer(cond, net, horizon=horizon, arms=["placebo", "ocrelizumab"]))
+    # zero terminal SNR: the first step sees no noise, so its prediction is sigmoid(logit - log w) of an empty input
+    t = torch.full((2,), scheduler.num_train_timesteps - 1)
+    for a, arm in enumerate(["placebo", "ocrelizumab"]):
+        with torch.no_grad():
+            logits = net(torch.zeros(2, 1, SIZE, SIZE, SIZE), t, cond, torch.full((2,), ARMS.index(arm)), horizon)
+        expected = torch.sigmoid(logits.float() - math.log(20.0))[:, 0]
+        assert torch.allclose(draws.mean[:, a], expected, atol=1e-5)
+    assert not torch.allclose(draws.mean[:, 0], draws.mean[:, 1])  # the arms differ through the treatment
+    factual = inferer.draw(cond, net, treatment=torch.tensor([0, 0]), horizon=horizon)
+    assert factual.mean.shape == (2, SIZE, SIZE, SIZE) and torch.allclose(factual.mean, draws.mean[:, 0])
+
+
 def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
     _, _, cond, treatment, horizon = _inputs()
     noise = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
@@ -249,9 +275,38 @@ def test_guidance_and_chunking_agree(net: ForecastDiffusionUNet) -> None:
     assert torch.equal(whole, chunked)
 
 
-def test_lesion_voxel_weights() -> None:
-    scheduler = ForecastScheduler(lesion_weight=20.0)
-    target = mask_to_signal(torch.tensor([0.0, 1.0]))
-    assert scheduler.voxel_weights(target).tolist() == [1.0, 20.0]
+def test_lesion_weighted_loss_binary_and_soft_targets() -> None:
+    # binary targets: the lesion class weight is a per-voxel weight w on lesion voxels
+    logits = torch.tensor([-2.0, 0.5, 1.5, -0.3])
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    loss = WeightedBCEWithLogitsLoss()(logits, WeightedTarget(mask_to_signal(labels), torch.tensor(2.0), 20.0))
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    assert loss.item() == pytest.approx((2.0 * plain * torch.where(labels > 0, 20.0, 1.0)).mean().item(), rel=1e-6)
+    # soft targets: the minimiser is logit(y) + log(w), the offset the sampler's de-bias removes
+    y = torch.tensor([0.02, 0.33, 0.67, 0.97])
+    z = torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.LBFGS([z], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = WeightedBCEWithLogitsLoss()(z, WeightedTarget(mask_to_signal(y), torch.tensor(1.0), 20.0))
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    assert torch.allclose(z.detach(), torch.logit(y) + math.log(20.0), atol=1e-3)
+    x0, _ = ForecastScheduler(lesion_weight=20.0).predict_x0_eps(z.detach(), torch.zeros(4), torch.tensor(0.5))
+    assert torch.allclose((x0 + 1) / 2, y, atol=1e-3)
     with pytest.raises(ValueError, match="lesion_weight"):
         ForecastScheduler(lesion_weight=0.5)
+
+
+def test_autocast_inferer_precision() -> None:
+    conv = torch.nn.Conv3d(1, 1, 3, padding=1)
+    x = torch.randn(1, 1, 4, 4, 4)
+    assert AutocastInferer("bfloat16")(x, conv).dtype == torch.bfloat16
+    assert AutocastInferer("float32")(x, conv).dtype == torch.float32
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert AutocastInferer()(x, conv).dtype == expected  # "auto": bfloat16 only where the CPU has it natively
+    with pytest.raises(ValueError, match="precision"):
+        AutocastInferer("float64")

@@ -263,15 +263,15 @@ TRAINING_HANDLERS = ("LrScheduleHandler", "scripts.training.engines.GradientClip
 logging are left out of the timing."""
 
 
-def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    """Cases per second of ``train.json``'s own trainer (prepare-batch, loss, AdamW, learning-rate schedule,
-    clipping, EMA) on one batch of random tensors repeated, so data loading and augmentation are left out."""
+def _time_training(args: argparse.Namespace, precision: str) -> tuple[float, dict[str, Any]]:
+    """Seconds per iteration of ``train.json``'s trainer with ``train_precision`` = ``precision``, and the setting."""
     parser = ConfigParser()
     parser.read_config(str(args.train_config))
     if args.quick:
         parser["network_channels"] = QUICK_OVERRIDES["network_channels"]
         parser["batch_size"], parser["train_crop_size"] = 2, [16, 16, 16]
     parser["device"] = f"$torch.device({str(args.device)!r})"
+    parser["train_precision"] = precision
     batch_size = int(parser.get_parsed_content("batch_size"))
     crop = [int(s) for s in parser.get_parsed_content("train_crop_size")]
     g = torch.Generator().manual_seed(0)
@@ -296,17 +296,36 @@ def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
     trainer.run()
-    seconds = stamps[-1] - stamps[0]
     loss_fn = parser.get_parsed_content("train#loss")
-    return {
-        "training_cases_per_second": batch_size * args.train_iterations / seconds,
-        "training_seconds_per_iteration": seconds / args.train_iterations,
-        "training_setting": f"train.json's trainer: batch {batch_size}, crop {crop}, AdamW, "
-        f"{type(loss_fn).__name__}, learning-rate schedule, grad clip "
-        f"{parser.get_parsed_content('grad_clip_norm')}, EMA, amp="
-        f"{bool(parser.get_parsed_content('amp'))}; one random batch repeated, data loading "
-        "and augmentation excluded",
+    setting = {
+        "batch_size": batch_size,
+        "crop": crop,
+        "text": f"train.json's trainer: batch {batch_size}, crop {crop}, AdamW, {type(loss_fn).__name__}, "
+        f"learning-rate schedule, grad clip {parser.get_parsed_content('grad_clip_norm')}, EMA, amp="
+        f"{bool(parser.get_parsed_content('amp'))}; one random batch repeated, data loading and augmentation excluded",
     }
+    return (stamps[-1] - stamps[0]) / args.train_iterations, setting
+
+
+def training_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Cases per second of ``train.json``'s own trainer (prepare-batch, loss, AdamW, learning-rate schedule,
+    clipping, EMA) on one batch of random tensors repeated, so data loading and augmentation are left out: at the
+    config's training precision (``train_precision``, "auto": bfloat16 autocast on a CPU with native bfloat16) and,
+    in the same run, in float32, with their ratio."""
+    device = torch.device(args.device)
+    precision = resolve_precision("auto", device)
+    seconds, setting = _time_training(args, "auto")
+    out = {
+        "training_cases_per_second": setting["batch_size"] / seconds,
+        "training_seconds_per_iteration": seconds,
+        "training_precision": precision,
+        "training_setting": setting["text"],
+    }
+    if precision != "float32":
+        seconds_fp32, _ = _time_training(args, "float32")
+        out["training_cases_per_second_float32"] = setting["batch_size"] / seconds_fp32
+        out["training_speedup_vs_float32"] = seconds_fp32 / seconds
+    return out
 
 
 def run_benchmark(args: argparse.Namespace, child_argv: Sequence[str]) -> dict[str, Any]:

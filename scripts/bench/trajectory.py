@@ -1,7 +1,8 @@
 """The reverse process step by step: where the forecast's location skill goes between the first and the last step.
 
     python -m scripts.bench.trajectory --datalist data/synthetic/datalist.json --split validation --cases 4 \\
-        [--arm placebo|factual] [--num_samples 8] [--ckpt_path W.pt] [--exact_draws 8] [--out trajectory.json]
+        [--arm placebo|factual] [--num_samples 8] [--ckpt_path W.pt] [--exact_draws 8] [--out trajectory.json] \\
+        [--overrides "{'head_cond_channels': 15}"]
 
 For each synthetic case (a cohort of ``python -m scripts.synthetic``, whose ``truth/`` holds the tissue map and the
 true NET2 mask of every arm) the bundle's own forecast (``inference.json``: preprocessing, inferer, seed) runs
@@ -178,11 +179,15 @@ def main(
     device: str = "cpu",
     exact_draws: int = 0,
     out: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> None:
     """Trace the reverse process of the first ``cases`` cases of ``split`` under ``arm`` (an arm name, or
     ``factual`` for each case's own treatment) and print (and with ``out`` save) the scores of every step; with
-    ``exact_draws`` K also those of K exact outcome draws of the generator."""
-    overrides: dict[str, Any] = {"num_samples": num_samples, "device": device}
+    ``exact_draws`` K also those of K exact outcome draws of the generator. ``overrides``: further
+    ``inference.json`` settings, e.g. ``--overrides "{'head_cond_channels': 15, 'debias_weight': 100}"``."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(f"--overrides must be a mapping of inference.json keys to values, got {overrides!r}")
+    overrides = {**dict(overrides or {}), "num_samples": num_samples, "device": device}
     if ckpt_path:
         overrides["ckpt_path"] = os.path.abspath(ckpt_path)
     forecaster = BundleForecaster(REPO_ROOT / "bundle", overrides=overrides)

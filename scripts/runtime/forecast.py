@@ -4,13 +4,14 @@ For each case of the datalist split, ``ForecastRunner``:
 
 1. preprocesses it (``bundle/configs/inference.json``'s ``preprocessing``: working grid, ``cond``, ``horizon``);
 2. draws K binary NET2 samples for every arm with the ``inferer`` (all arms and samples of the case in one batch,
-   every arm from the same starting noise, so differences between arms come from the treatment alone);
+   every arm from the same starting noise, so differences between arms come from the treatment alone), and the
+   conditional mean forecast of every arm (:meth:`scripts.runtime.inferer.ForecastInferer.draw`);
 3. analyses the samples on the working grid (:func:`summarize_arm`): lesion count of each sample (26-connected
-   components), expected count, P(active) = share of samples with at least one lesion, expected volume, and the
-   voxel probability (mean of the binarised samples);
-4. puts each probability map back on the case's reference grid (the grid of ``flair_1``) and thresholds it at 0.5
-   for the forecast mask (``postprocessing``); lists the mask's lesions with world centroid, volume, mean probability
-   and region;
+   components), expected count, P(active) = share of samples with at least one lesion, expected volume;
+4. makes each arm's maps on the case's reference grid (the grid of ``flair_1``; ``postprocessing``): the voxel
+   probability map (``inference.json``'s ``probability_map``: the conditional mean forecast, or the share of samples
+   holding the voxel) and the forecast mask (the voxels that at least half of the samples hold); lists the mask's
+   lesions with world centroid, volume, mean probability and region;
 5. writes ``<arm>_prob.nii.gz``, ``<arm>_mask.nii.gz``, ``forecast.json`` and ``forecast.png`` into a staging
    folder that is renamed to ``O/<id>`` only when everything is written, so a failed case leaves nothing behind;
 6. at the end writes ``O/summary.csv`` (one row per case and arm) and, if any case failed, raises an error that
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,11 @@ from scripts.runtime.files import (
     staging_folder,
     temp_prefix,
 )
+from scripts.runtime.grids import to_reference_grid
 from scripts.runtime.io import save_nifti
 from scripts.runtime.lesions import describe_lesions
 from scripts.runtime.options import check_num_samples, parse_arms
-from scripts.runtime.regions import REGIONS, brain_restriction, region_map
+from scripts.runtime.regions import brain_restriction, lesion_regions, region_map
 from scripts.runtime.transforms import forecast_postprocessing, scale_foreground_percentiles
 from tqdm.auto import tqdm
 
@@ -98,6 +100,8 @@ class CaseForecast:
     """Region map of the case (working grid, codes of :data:`scripts.runtime.regions.REGIONS`)."""
     allowed: np.ndarray | None
     """The brain restriction applied to the samples (working grid); None when none was."""
+    masks: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Arm -> the saved forecast mask on the reference grid (empty: the probability map at 0.5)."""
 
 
 CaseListener = Callable[[CaseForecast], None]
@@ -138,8 +142,9 @@ class ForecastRunner:
             (:func:`scripts.runtime.regions.brain_restriction`) are removed from every sample before anything is counted
             (NET2 lesions are brain lesions); None keeps the samples as drawn. Cases where no brain is found keep
             theirs (logged).
-        postprocessing: one arm's binary samples ``pred`` (K, *working grid) with ``working_affine``,
-            ``reference_affine`` and ``reference_shape`` -> ``prob`` and ``mask`` (1, *reference grid)
+        postprocessing: one arm's binary samples ``pred`` (K, *working grid) and conditional mean ``mean``
+            (1, *working grid) with ``working_affine``, ``reference_affine`` and ``reference_shape`` -> ``prob`` and
+            ``mask`` (1, *reference grid)
             (``inference.json``'s ``postprocessing``; default
             :func:`scripts.runtime.transforms.forecast_postprocessing`).
     """
@@ -351,17 +356,10 @@ class ForecastRunner:
         reference_affine = np.asarray(data["reference_affine"], dtype=np.float64)
         reference_shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]
 
-        samples = (
-            self.inferer(
-                cond[None].to(self.device),
-                self.network,
-                horizon=torch.tensor([horizon], device=self.device),
-                arms=self.arms,
-            )[0]
-            .cpu()
-            .numpy()
-            > 0.5
-        )  # (A, K, *S)
+        horizon_t = torch.tensor([horizon], device=self.device)
+        draws = self.inferer.draw(cond[None].to(self.device), self.network, horizon=horizon_t, arms=self.arms)
+        samples = draws.samples[0].cpu().numpy() > 0.5  # (A, K, *S)
+        mean = draws.mean[0].cpu().numpy().astype(np.float32)  # (A, *S)
 
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
         allowed = None
@@ -374,21 +372,24 @@ class ForecastRunner:
             else:
                 removed = int((samples & ~allowed).sum())
                 samples &= allowed
+                mean *= allowed
                 restriction.update(
                     applied=True, removed_voxels_per_sample=removed / max(samples.shape[0] * samples.shape[1], 1)
                 )
-        to_working = np.linalg.inv(working_affine)
+        regions_reference: np.ndarray | None = None  # the region map on the reference grid, made when needed
 
         staging = staging_folder(self.output_dir, case_id)
         try:
             arms_out: dict[str, dict[str, Any]] = {}
             probs_reference: dict[str, np.ndarray] = {}
+            masks_reference: dict[str, np.ndarray] = {}
             for a, arm in enumerate(self.arms):
                 figures = summarize_arm(samples[a], working_affine)
                 figures.pop("prob_working")  # the postprocessing makes the map that is saved
                 post = self.postprocessing(
                     {
                         "pred": torch.from_numpy(samples[a]),
+                        "mean": torch.from_numpy(mean[a][None]),
                         "working_affine": working_affine,
                         "reference_affine": reference_affine,
                         "reference_shape": reference_shape,
@@ -398,13 +399,22 @@ class ForecastRunner:
                 mask = np.asarray(post["mask"], dtype=np.uint8)[0]
                 if listeners or self.figure:  # kept only where used: reference grids can be large
                     probs_reference[arm] = prob
+                if listeners:
+                    masks_reference[arm] = mask
                 lesions = describe_lesions(mask, reference_affine, prob=prob)
-                for lesion in lesions:
-                    centroid = np.asarray(lesion["centroid_mm"])
-                    ijk = np.rint(to_working[:3, :3] @ centroid + to_working[:3, 3]).astype(int)
-                    inside = np.all(ijk >= 0) and np.all(ijk < np.asarray(regions.shape))
-                    code = int(regions[tuple(ijk)]) if inside else 0
-                    lesion["region"] = REGIONS[code - 1] if code > 0 else "deep_white_matter"
+                if lesions:  # the region holding most of each lesion's voxels, as the evaluation assigns them
+                    if regions_reference is None:
+                        regions_reference = np.rint(
+                            to_reference_grid(
+                                regions.astype(np.float32),
+                                working_affine,
+                                reference_affine,
+                                reference_shape,
+                                mode="nearest",
+                            )
+                        ).astype(np.uint8)
+                    for lesion, region in zip(lesions, lesion_regions(mask, regions_reference), strict=True):
+                        lesion["region"] = region
                 save_nifti(prob, reference_affine, staging / f"{arm}_prob.nii.gz", np.float32)
                 save_nifti(mask, reference_affine, staging / f"{arm}_mask.nii.gz", np.uint8)
                 arms_out[arm] = {
@@ -436,7 +446,7 @@ class ForecastRunner:
                     vmax=FIGURE_VMAX,
                 )
             if listeners:
-                result = CaseForecast(case, data, samples, forecast, probs_reference, regions, allowed)
+                result = CaseForecast(case, data, samples, forecast, probs_reference, regions, allowed, masks_reference)
                 for listener in listeners:
                     listener(result)
             (staging / "forecast.json").write_text(json.dumps(forecast, indent=2))

@@ -2,14 +2,17 @@
 
 ``ForecastInferer`` runs the whole reverse process for every case, every requested arm and K samples at once: rows
 are laid out as (case, arm, sample), all arms of a case start from the same noise, so their forecasts differ through
-the treatment alone (counterfactuals). ``ThresholdInferer`` wraps the deterministic baseline so that it yields one
-"sample" per case and the same metrics apply.
+the treatment alone (counterfactuals). Its :meth:`ForecastInferer.draw` also returns the conditional mean forecast,
+the network's de-biased p(lesion) per voxel at the first, pure-noise step: with zero terminal SNR that step's input
+carries no noise at all, so its prediction is E[mask | inputs, arm, horizon], the same for every sample of a case
+and arm, and free (the sampler computes it anyway). ``ThresholdInferer`` wraps the deterministic baseline so that it
+yields one "sample" per case and the same metrics apply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from monai.inferers import Inferer
@@ -17,6 +20,17 @@ from scripts.runtime.constants import DEFAULT_HORIZON_WEEKS, NULL_TREATMENT, arm
 from scripts.runtime.options import check_num_samples, parse_arms
 from scripts.runtime.sampler import ForecastSampler
 from scripts.runtime.scheduler import ForecastScheduler
+
+
+class ForecastDraws(NamedTuple):
+    """What :meth:`ForecastInferer.draw` returns.
+
+    ``samples``: binary samples, (B, A, K, *spatial) with arms, (B, K, *spatial) without. ``mean``: the conditional
+    mean forecast p(lesion) per voxel in [0, 1], (B, A, *spatial) with arms, (B, *spatial) without.
+    """
+
+    samples: torch.Tensor
+    mean: torch.Tensor
 
 
 class ForecastInferer(Inferer):
@@ -91,6 +105,19 @@ class ForecastInferer(Inferer):
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        return self.draw(inputs, network, treatment=treatment, horizon=horizon, arms=arms, callback=callback).samples
+
+    def draw(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        treatment: torch.Tensor | None = None,
+        horizon: torch.Tensor | None = None,
+        arms: Sequence[str] | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> ForecastDraws:
+        """The samples of :meth:`__call__` and the conditional mean forecast of each case and arm
+        (:class:`ForecastDraws`)."""
         cond = inputs.float()
         b, k = cond.shape[0], self.num_samples
         device = cond.device
@@ -111,6 +138,14 @@ class ForecastInferer(Inferer):
             generator = torch.Generator(device=device).manual_seed(int(self.seed))
         noise = torch.randn((b, 1, k, 1, *cond.shape[2:]), generator=generator, device=device)
         rows = b * a * k
+        first: list[torch.Tensor] = []
+
+        def record(step: int, timestep: int, x0: torch.Tensor, x: torch.Tensor) -> None:
+            if step == 0:  # the pure-noise step: one prediction per case and arm (sample 0 of each)
+                first.append(((x0.reshape(b, a, k, *cond.shape[2:])[:, :, 0].float() + 1.0) / 2.0).clone())
+            if callback is not None:
+                callback(step, timestep, x0, x)
+
         # for one case the row-wise condition stays a broadcast view (stride 0): the sampler copies chunks only
         samples = self.sampler.sample(
             network,
@@ -118,10 +153,11 @@ class ForecastInferer(Inferer):
             per_case[:, :, None].expand(b, a, k).reshape(rows),
             horizon[:, None, None].expand(b, a, k).reshape(rows),
             noise=noise.expand(b, a, k, *noise.shape[3:]).reshape(rows, 1, *cond.shape[2:]),
-            callback=callback,
+            callback=record,
         )
         samples = samples.reshape(b, a, k, *cond.shape[2:])
-        return samples[:, 0] if arms is None else samples
+        mean = first[0].clamp(0.0, 1.0)
+        return ForecastDraws(samples[:, 0], mean[:, 0]) if arms is None else ForecastDraws(samples, mean)
 
 
 class ThresholdInferer(Inferer):

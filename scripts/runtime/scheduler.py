@@ -20,10 +20,14 @@ The choices, and why they suit sparse binary lesion masks (the runs that led to 
   (logit = LLR) on which lesion and background voxels agree.
 * **Min-SNR-gamma weight** (Hang et al., 2023): each sample's loss is weighted by min(1 + SNR, gamma), which never
   vanishes at SNR = 0, so the pure-noise step stays trained.
-* **Lesion-weighted loss, de-biased when sampling.** NET2 voxels are ~1e-4 of a volume: lesion voxels of the target
-  get ``lesion_weight`` (w) times the weight of background voxels, so their gradients are not drowned. The
-  minimiser is then the logit of the *weighted* posterior, logit p + log w; sampling subtracts log w (the standard
-  prior correction of class-weighted training), or log of the calibrated ``debias_weight``.
+* **Lesion-weighted loss, de-biased when sampling.** NET2 voxels are ~1e-4 of a volume: the lesion term of the
+  binary cross-entropy gets ``lesion_weight`` (w) times the weight of the background term (its ``pos_weight``), so
+  lesion gradients are not drowned. The minimiser is then the logit of the *weighted* posterior, logit p + log w,
+  for binary and soft targets alike; sampling subtracts log w (the standard prior correction of class-weighted
+  training), or log of the calibrated ``debias_weight``.
+* **Soft targets** (optional, ``scripts.runtime.transforms.SoftMaskd``): the training mask is smoothed across its
+  boundary so that it stays above 1/2 exactly on the lesion's voxels; binarising a sample at 0 keeps that meaning.
+  The denoiser of a smooth target pools the noisy evidence of a neighbourhood instead of deciding voxel by voxel.
 * **Deterministic DDIM steps on "trailing" timesteps** (Lin et al., 2024): with 10 steps the first step sits at
   t = T - 1 (pure noise) instead of MONAI's leading spacing, which starts at a non-zero SNR that training never
   pairs with pure noise. Deterministic (eta = 0) steps make counterfactual arms comparable: the same starting noise
@@ -189,10 +193,6 @@ class ForecastScheduler(DDIMScheduler):
         a, s = alpha_t.sqrt(), (1 - alpha_t).sqrt()
         x0 = torch.tanh((model_output.float() - math.log(self.debias_weight)) / 2).to(sample.dtype)
         return x0, (sample - a * x0) / s.clamp_min(1e-12)
-
-    def voxel_weights(self, x0: torch.Tensor) -> torch.Tensor:
-        """Per-voxel loss weight: ``lesion_weight`` where the target is a lesion (+1), else 1."""
-        return 1.0 + (self.lesion_weight - 1.0) * (x0 > 0).to(x0.dtype)
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at the given timesteps."""

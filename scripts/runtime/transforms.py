@@ -33,12 +33,13 @@ from monai.transforms import (
     CastToTyped,
     Compose,
     CopyItemsd,
+    DeleteItemsd,
     LoadImaged,
     MapTransform,
     Randomizable,
     SpatialResample,
 )
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scripts.runtime.constants import (
     AVAILABLE_CHANNEL,
     BINARY_KEYS,
@@ -545,23 +546,92 @@ class RandDropInputsd(Randomizable, MapTransform):
         return d
 
 
-class SampleMeand(MapTransform):
-    """Post-processing: the voxel probability of K binary samples: ``keys`` ``(K, *S)`` -> ``names`` ``(1, *S)``,
-    the share of samples above 0.5 in each voxel (float32; ``names`` defaults to ``keys``, replacing them)."""
+def soft_mask(mask: np.ndarray, softness: float) -> np.ndarray:
+    """A binary mask smoothed across its boundary: ``sigmoid(d / softness)`` with d the signed distance (voxels) from
+    a voxel's centre to the mask's boundary, positive inside.
 
-    def __init__(
-        self, keys: KeysCollection, names: KeysCollection | None = None, allow_missing_keys: bool = False
-    ) -> None:
+    d is half a voxel less than the distance to the nearest voxel of the other class, so a voxel of the mask has
+    d >= 1/2 and a voxel outside d <= -1/2: the soft mask is above 1/2 exactly on the mask (thresholding it at 1/2
+    gives the mask back) and falls off smoothly around it, e.g. softness 0.7 gives 0.67 on a lesion's rim, 0.33 on
+    the voxels touching it and 0.03 two voxels further out. ``softness`` 0 returns the binary mask. An empty mask
+    stays empty.
+    """
+    binary = np.asarray(mask) >= 0.5
+    if softness < 0:
+        raise ValueError(f"softness must be >= 0, got {softness}")
+    if softness == 0 or not binary.any():
+        return binary.astype(np.float32)
+    if binary.all():
+        return np.ones(binary.shape, dtype=np.float32)
+    signed = np.where(binary, distance_transform_edt(binary), -distance_transform_edt(~binary))
+    signed = signed - 0.5 * np.sign(signed)
+    return (1.0 / (1.0 + np.exp(-signed / softness))).astype(np.float32)
+
+
+class SoftMaskd(MapTransform):
+    """Training target: replace binary masks ``keys`` ((C, *S), any array) by :func:`soft_mask` (float32 tensors).
+
+    For the diffusion model's training only (the loss takes targets in [0, 1]); validation and evaluation compare
+    with the binary mask. Applied on the whole working grid, before cropping, so a crop's edge does not change
+    the distances.
+    """
+
+    def __init__(self, keys: KeysCollection, softness: float = 0.7, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.names = list(self.keys if names is None else ([names] if isinstance(names, str) else names))
-        if len(self.names) != len(self.keys):
-            raise ValueError(f"SampleMeand: {len(self.keys)} key(s) but {len(self.names)} name(s)")
+        if softness < 0:
+            raise ValueError(f"softness must be >= 0, got {softness}")
+        self.softness = float(softness)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key, name in self.key_iterator(d, self.names):
+        for key in self.key_iterator(d):
+            mask = np.asarray(_plain(d[key]).detach().cpu())
+            d[key] = torch.from_numpy(np.stack([soft_mask(channel, self.softness) for channel in mask]))
+        return d
+
+
+PROBABILITY_MAPS = ("samples", "conditional_mean")
+"""Where a forecast's voxel probability map comes from (:class:`ForecastMapsd`)."""
+
+
+class ForecastMapsd(MapTransform):
+    """Post-processing: one arm's voxel probability map and the samples' agreement map, on the working grid.
+
+    ``keys``: the K binary samples (K, *S). Writes ``agreement`` (1, *S), the share of samples holding each voxel
+    (the forecast mask is where at least half of them do), and ``prob`` (1, *S): with ``probability="samples"`` the
+    agreement itself, with ``"conditional_mean"`` the network's conditional mean forecast read from ``mean_key``
+    (1, *S): E[mask | inputs] per voxel, the limit of the agreement over infinitely many samples, without their
+    Monte-Carlo noise (8 samples of even the true generator place lesions no better than chance; see
+    ``bundle/docs/training.md``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        probability: str = "samples",
+        mean_key: str = "mean",
+        prob_key: str = "prob",
+        agreement_key: str = "agreement",
+    ) -> None:
+        super().__init__(keys)
+        if probability not in PROBABILITY_MAPS:
+            raise ValueError(f"probability_map must be one of {list(PROBABILITY_MAPS)}, got {probability!r}")
+        self.probability, self.mean_key = probability, mean_key
+        self.prob_key, self.agreement_key = prob_key, agreement_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
             samples = d[key].detach().cpu().numpy() if isinstance(d[key], torch.Tensor) else np.asarray(d[key])
-            d[name] = torch.from_numpy((samples > 0.5).mean(0, keepdims=True).astype(np.float32))
+            agreement = torch.from_numpy((samples > 0.5).mean(0, keepdims=True).astype(np.float32))
+            d[self.agreement_key] = agreement
+            if self.probability == "samples":
+                d[self.prob_key] = agreement.clone()
+            else:
+                if d.get(self.mean_key) is None:
+                    raise ValueError(f"probability_map 'conditional_mean' needs {self.mean_key!r} in the data")
+                mean = torch.as_tensor(_plain(d[self.mean_key])).float().reshape(agreement.shape)
+                d[self.prob_key] = mean.clamp(0.0, 1.0)
         return d
 
 
@@ -598,16 +668,18 @@ class ToReferenceGridd(MapTransform):
         return d
 
 
-def forecast_postprocessing() -> Compose:
+def forecast_postprocessing(probability_map: str = "samples") -> Compose:
     """``postprocessing`` of ``inference.json`` (the forecast's default): binary samples of one arm ``pred`` (K, *S)
-    on the working grid -> ``prob`` (1, *reference) float32 in [0, 1] and ``mask`` (1, *reference) uint8 (prob >=
-    0.5) on the case's reference grid."""
+    and its conditional mean ``mean`` (1, *S) on the working grid -> ``prob`` (1, *reference) float32 in [0, 1]
+    (:class:`ForecastMapsd`) and ``mask`` (1, *reference) uint8 (the voxels at least half of the samples hold) on
+    the case's reference grid."""
     return Compose(
         [
-            SampleMeand(keys="pred", names="prob"),
-            ToReferenceGridd(keys="prob", mode="bilinear", value_range=(0.0, 1.0)),
-            CopyItemsd(keys="prob", names="mask"),
+            ForecastMapsd(keys="pred", probability=probability_map),
+            ToReferenceGridd(keys=["prob", "agreement"], mode="bilinear", value_range=(0.0, 1.0)),
+            CopyItemsd(keys="agreement", names="mask"),
             AsDiscreted(keys="mask", threshold=0.5),
             CastToTyped(keys="mask", dtype=np.uint8),
+            DeleteItemsd(keys="agreement"),
         ]
     )

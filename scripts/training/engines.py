@@ -7,8 +7,10 @@ A training iteration of the diffusion model, following the names used in ``bundl
    the noisy NET2 signal ``x_t`` at random timesteps, the target with its min-SNR and lesion weights, and the
    network's keyword arguments (``timesteps``, ``cond``, ``treatment`` with classifier-free dropout to the null
    token, ``horizon``);
-2. the trainer's ``SimpleInferer`` calls ``network(x_t, timesteps=..., cond=..., treatment=..., horizon=...)``;
-3. ``WeightedBCEWithLogitsLoss`` compares the predicted logits with the target mask, weighted;
+2. the trainer's ``AutocastInferer`` (a ``SimpleInferer``, in bfloat16 where the CPU has it natively) calls
+   ``network(x_t, timesteps=..., cond=..., treatment=..., horizon=...)``;
+3. ``WeightedBCEWithLogitsLoss`` compares the predicted logits with the target mask (binary, or soft:
+   :class:`scripts.runtime.transforms.SoftMaskd`), weighted;
 4. ``GradientClipHandler`` clips gradients between backward and the optimizer step; ignite's ``EMAHandler`` then
    updates the EMA weights that validation and inference use.
 
@@ -32,18 +34,22 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.engines.utils import DiffusionPrepareBatch, IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
+from monai.inferers import SimpleInferer
 from scripts.runtime.constants import NULL_TREATMENT
 from scripts.runtime.files import atomic_path, remove_stale_temporaries
+from scripts.runtime.sampler import resolve_precision
 from scripts.runtime.scheduler import ForecastScheduler, mask_to_signal
 
 logger = logging.getLogger(__name__)
 
 
 class WeightedTarget(NamedTuple):
-    """Regression target and its loss weight (per sample, or per voxel; broadcast against the target)."""
+    """Target, its loss weight (per sample, or per voxel; broadcast against the target) and the weight of the
+    lesion class (``pos_weight`` of the binary cross-entropy)."""
 
     target: torch.Tensor
     weight: torch.Tensor
+    pos_weight: float = 1.0
 
 
 def _to(value: torch.Tensor, device: str | torch.device | None, non_blocking: bool) -> torch.Tensor:
@@ -80,11 +86,13 @@ class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
     network its conditions.
 
     The hooks keep MONAI's meaning: ``get_noise`` (Gaussian) and ``get_timesteps`` (uniform over T) are inherited,
-    ``get_target`` is the clean mask signal (the binary cross-entropy of the logits turns it into 0/1) and
-    ``get_weights`` its min-SNR and lesion weights. A call returns ``(x_t, WeightedTarget, (), kwargs)`` with ``x_t``
-    the scheduler's input scaling of the noisy signal and ``kwargs`` the network's ``timesteps``, ``cond``,
-    ``treatment`` (dropped to the null token with probability ``treatment_dropout``, for classifier-free guidance)
-    and ``horizon``.
+    ``get_target`` is the clean mask signal (the binary cross-entropy of the logits turns it into a lesion
+    probability: 0/1 for a binary mask, a value in between for a soft one,
+    :class:`scripts.runtime.transforms.SoftMaskd`) and ``get_weights`` its min-SNR weight; the scheduler's
+    ``lesion_weight`` goes with the target as the lesion class weight. A call returns
+    ``(x_t, WeightedTarget, (), kwargs)`` with ``x_t`` the scheduler's input scaling of the noisy signal and
+    ``kwargs`` the network's ``timesteps``, ``cond``, ``treatment`` (dropped to the null token with probability
+    ``treatment_dropout``, for classifier-free guidance) and ``horizon``.
 
     Args:
         scheduler: the training noise scheduler.
@@ -101,12 +109,9 @@ class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
         return images
 
     def get_weights(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Loss weight per sample (min-SNR) times per voxel (``lesion_weight`` on lesion voxels)."""
+        """Loss weight per sample (min-SNR), shaped to broadcast against the target."""
         n = images.shape[0]
-        weight = self.scheduler.loss_weights(timesteps).to(images.dtype).reshape(n, *([1] * (images.ndim - 1)))
-        if self.scheduler.lesion_weight != 1.0:
-            weight = weight * self.scheduler.voxel_weights(images)
-        return weight
+        return self.scheduler.loss_weights(timesteps).to(images.dtype).reshape(n, *([1] * (images.ndim - 1)))
 
     def __call__(  # type: ignore[override]
         self,
@@ -120,7 +125,9 @@ class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0)
         x_t = self.scheduler.scale_model_input(self.scheduler.add_noise(x0, noise, timesteps), timesteps)
-        target = WeightedTarget(self.get_target(x0, noise, timesteps), self.get_weights(x0, timesteps))
+        target = WeightedTarget(
+            self.get_target(x0, noise, timesteps), self.get_weights(x0, timesteps), self.scheduler.lesion_weight
+        )
         if self.treatment_dropout > 0:
             dropped = torch.rand(x0.shape[0], device=x0.device) < self.treatment_dropout
             treatment = torch.where(dropped, torch.full_like(treatment, NULL_TREATMENT), treatment)
@@ -129,13 +136,44 @@ class MaskDiffusionPrepareBatch(DiffusionPrepareBatch):
 
 
 class WeightedBCEWithLogitsLoss(torch.nn.Module):
-    """Mean of weight * binary cross-entropy of mask logits against a {-1, +1} mask signal; ``target`` is a
-    :class:`WeightedTarget` whose weight broadcasts."""
+    """Mean of weight * class-weighted binary cross-entropy of mask logits against a mask signal in [-1, +1].
+
+    ``target`` is a :class:`WeightedTarget`: the signal s becomes the lesion probability y = (s + 1) / 2, and the
+    lesion term is weighted by ``pos_weight`` w: -(w y log p + (1 - y) log(1 - p)). Its minimiser over a
+    distribution of targets is logit p = logit(E[y]) + log w whether the targets are binary or soft, which is what
+    the sampler's de-bias (:meth:`scripts.runtime.scheduler.ForecastScheduler.predict_x0_eps`) undoes; for a binary
+    mask it is the per-voxel weight w on lesion voxels.
+    """
 
     def forward(self, pred: torch.Tensor, target: WeightedTarget) -> torch.Tensor:
-        labels = (target.target.float() > 0).float()
-        error = torch.nn.functional.binary_cross_entropy_with_logits(pred.float(), labels, reduction="none")
+        labels = ((target.target.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        pos_weight = torch.tensor(float(target.pos_weight), device=pred.device)
+        error = torch.nn.functional.binary_cross_entropy_with_logits(
+            pred.float(), labels, pos_weight=pos_weight, reduction="none"
+        )
         return (target.weight.float() * error).mean()
+
+
+class AutocastInferer(SimpleInferer):
+    """MONAI's ``SimpleInferer`` under autocast: the training forward pass in bfloat16 on a CPU that multiplies it
+    natively (measured in ``bundle/docs/performance.md``), float32 elsewhere.
+
+    ``precision``: ``"auto"`` (:func:`scripts.runtime.sampler.resolve_precision`: bfloat16 on such a CPU, float32
+    otherwise, GPUs included, where the trainer's own ``amp`` applies), ``"float32"`` or ``"bfloat16"``. The
+    parameters, their gradients and the loss stay float32; only the network's operations run in the lower precision.
+    """
+
+    def __init__(self, precision: str = "auto") -> None:
+        super().__init__()
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        precision = resolve_precision(self.precision, inputs.device)
+        enabled = precision == "bfloat16"
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=enabled):
+            return super().__call__(inputs, network, *args, **kwargs)
 
 
 class GradientClipHandler:

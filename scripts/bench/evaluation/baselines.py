@@ -23,6 +23,7 @@ from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import arm_index
 from scripts.runtime.grids import on_grid
 from scripts.runtime.lesions import count_lesions, load_mask
+from scripts.runtime.transforms import PROBABILITY_MAPS
 from scripts.runtime.weights import load_weights
 
 
@@ -89,19 +90,25 @@ def diffusion_predictions(
     arms: Sequence[str],
     to_ref: ToReference,
     sample_arms: set[str],
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, ArmPrediction]:
-    """The evaluated model's forecast per arm, from the runner's binary samples (A, K, *working grid) and figures;
-    reference-grid samples only for ``sample_arms`` (reference grids can be large)."""
+    """The evaluated model's forecast per arm, from the runner's binary samples (A, K, *working grid), figures,
+    probability maps and forecast masks (reference grid; without ``masks``, the map at 0.5); reference-grid samples
+    only for ``sample_arms`` (reference grids can be large)."""
     out: dict[str, ArmPrediction] = {}
     for a, arm in enumerate(arms):
         figures = forecast["arms"][arm]
         prob = np.asarray(probs[arm]) if arm in probs else None
+        if masks is not None and arm in masks:
+            mask = np.asarray(masks[arm]) > 0
+        else:
+            mask = None if prob is None else prob >= 0.5
         out[arm] = ArmPrediction(
             figures["expected_count"],
             figures["p_active"],
             list(figures["count_interval_90"]),
             prob,
-            None if prob is None else prob >= 0.5,
+            mask,
             to_ref(samples[a], "nearest") > 0.5 if arm in sample_arms else None,
         )
     return out
@@ -153,10 +160,21 @@ class UnawareBaseline:
         network: the diffusion network trained with the treatment always dropped.
         inferer: a ``ForecastInferer`` without arms (:func:`null_treatment_inferer`).
         device: torch device of the network.
+        probability_map: its probability map, as the evaluated model's (``inference.json``'s ``probability_map``):
+            ``"samples"`` (share of samples) or ``"conditional_mean"``; its mask is the samples' agreement either way.
     """
 
-    def __init__(self, network: torch.nn.Module, inferer: Any, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: Any,
+        device: str | torch.device = "cpu",
+        probability_map: str = "samples",
+    ) -> None:
+        if probability_map not in PROBABILITY_MAPS:
+            raise ValueError(f"probability_map must be one of {list(PROBABILITY_MAPS)}, got {probability_map!r}")
         self.network, self.inferer, self.device = network, inferer, torch.device(device)
+        self.probability_map = probability_map
 
     @torch.no_grad()
     def predict(
@@ -172,17 +190,21 @@ class UnawareBaseline:
         """The same prediction under every arm of ``arms``; reference-grid samples when ``with_samples``."""
         cond_t = torch.as_tensor(cond).float()[None].to(self.device)
         h = torch.tensor([horizon], device=self.device)
-        samples = self.inferer(cond_t, self.network, horizon=h)[0].cpu().numpy() > 0.5
+        draws = self.inferer.draw(cond_t, self.network, horizon=h)
+        samples = draws.samples[0].cpu().numpy() > 0.5
+        mean = draws.mean[0].cpu().numpy().astype(np.float32)
         if allowed is not None:
             samples &= allowed
+            mean *= allowed
         figures = summarize_arm(samples, working_affine)
-        prob = np.clip(to_ref(figures["prob_working"], "bilinear"), 0.0, 1.0)
+        agreement = np.clip(to_ref(figures["prob_working"], "bilinear"), 0.0, 1.0)
+        prob = np.clip(to_ref(mean, "bilinear"), 0.0, 1.0) if self.probability_map == "conditional_mean" else agreement
         prediction = ArmPrediction(
             figures["expected_count"],
             figures["p_active"],
             figures["count_interval_90"],
             prob,
-            prob >= 0.5,
+            agreement >= 0.5,
             to_ref(samples, "nearest") > 0.5 if with_samples else None,
         )
         return dict.fromkeys(arms, prediction)

@@ -112,6 +112,8 @@ class Evaluator:
             split, arms, samples, steps, guidance, seed and the checkpoints' digests.
         population_datalist: datalist whose ``training`` split feeds the population baseline (default ``datalist``;
             set it when the evaluated cohort is a separate test-only datalist).
+        probability_map: the probability map of the treatment-unaware baseline, as the evaluated model's
+            (``inference.json``'s ``probability_map``; the evaluated model's own comes with its forecast).
     """
 
     CASES_FOLDER = "evaluation_cases"
@@ -135,6 +137,7 @@ class Evaluator:
         resume: bool = True,
         resume_key: Mapping[str, Any] | None = None,
         population_datalist: str | os.PathLike | None = None,
+        probability_map: str = "samples",
     ) -> None:
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -149,7 +152,7 @@ class Evaluator:
         if unaware_network is not None:
             if unaware_inferer is None:
                 raise ValueError("unaware_network needs an unaware_inferer (a ForecastInferer without arms)")
-            self.unaware = UnawareBaseline(unaware_network, unaware_inferer, device)
+            self.unaware = UnawareBaseline(unaware_network, unaware_inferer, device, probability_map)
         self.truth_dir = Path(truth_dir) if truth_dir is not None else self.datalist.parent / "truth"
         self.num_bins = int(num_bins)
         self.distance_mm = float(distance_mm)
@@ -243,7 +246,7 @@ class Evaluator:
         sample_arms = set(arms) if truth is not None else {factual} if evaluated else set()
         # the baselines get the restriction the diffusion samples got (``allowed``)
         predictions = self._predict(
-            case, data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms, allowed
+            case, data, samples, forecast, probs, arms, truth, horizon, to_ref, sample_arms, allowed, result.masks
         )
         pending: list[tuple[tuple[str, str], np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -324,10 +327,11 @@ class Evaluator:
         to_ref: ToReference,
         sample_arms: set[str],
         allowed: np.ndarray | None = None,
+        masks: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, dict[str, ArmPrediction]]:
         """Every available method's forecast of this case, per arm (reference-grid samples for ``sample_arms``);
         ``allowed`` (working grid), where given, restricts the baseline networks' forecasts as the samples were."""
-        out = {"diffusion": diffusion_predictions(samples, forecast, probs, arms, to_ref, sample_arms)}
+        out = {"diffusion": diffusion_predictions(samples, forecast, probs, arms, to_ref, sample_arms, masks)}
         if self.deterministic is not None:
             out["deterministic"] = self.deterministic.predict(data["cond"], horizon, arms, to_ref, allowed)
         if self.unaware is not None:
