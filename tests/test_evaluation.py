@@ -271,7 +271,16 @@ def test_evaluator_scores_perfect_forecasts(tiny_cohort: Path, tmp_path: Path) -
     assert not metrics["baselines"]["deterministic"]["available"]
     assert "not provided" in metrics["baselines"]["deterministic"]["note"]
     assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["dice_all"] == 1.0
-    assert "## Counterfactual forecasts" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Counterfactual forecasts" in report
+    # the targets table: perfect counts meet the MAE target; intervals that always hold the truth over-cover
+    targets = report[report.index("## Against the model's targets") :].split("\n## ")[0]
+    mae_row = next(line for line in targets.splitlines() if line.startswith("| factual count MAE"))
+    assert mae_row.startswith("| factual count MAE, ratio to the observable reference's | 0.00")
+    assert "**met**" in mae_row
+    assert "| 90% count interval coverage | 100% | 85%-95% | not met |" in targets
+    if metrics["spatial"].get("n_cases"):
+        assert metrics["spatial"]["methods"]["diffusion"]["auroc_truth_mean"] in (1.0, None)
 
 
 class _StubForecaster:
@@ -563,6 +572,22 @@ def test_voxel_average_precision_known_answers() -> None:
     assert voxel_average_precision(prob, share, where) == pytest.approx(0.25)  # 1 of the 4 draws at the top score
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         voxel_average_precision(prob, np.array([2.0, 0.0, 0.0]))
+
+
+def test_voxel_auroc_known_answers() -> None:
+    from scripts.bench.evaluation.scores import voxel_auroc
+
+    truth = np.array([1, 0, 1, 0, 0], float)
+    assert voxel_auroc(np.array([0.9, 0.1, 0.8, 0.2, 0.0]), truth) == 1.0
+    # positives at 0.9 and 0.7 against negatives 0.8, 0.0, 0.0: 5 of the 6 pairs ordered right
+    assert voxel_auroc(np.array([0.9, 0.8, 0.7, 0.0, 0.0]), truth) == pytest.approx(5 / 6)
+    assert voxel_auroc(np.full(5, 0.3), truth) == pytest.approx(0.5)  # all tied: half
+    assert voxel_auroc(np.full(5, 0.3), np.zeros(5)) is None and voxel_auroc(np.full(3, 0.3), np.ones(3)) is None
+    # a fractional target is its draws pooled: four draws, voxel 0 NET2 in one, voxel 1 in all, voxel 2 in none
+    prob, share = np.array([0.9, 0.5, 0.2]), np.array([0.25, 1.0, 0.0])
+    # positives: 1 at 0.9, 4 at 0.5; negatives: 3 at 0.9, 4 at 0.2 -> right pairs 1*4 + 4*4, ties 1*3 count half
+    assert voxel_auroc(prob, share) == pytest.approx((4 + 16 + 0.5 * 3) / (5 * 7))
+    assert voxel_auroc(prob, share, np.array([True, False, True])) == pytest.approx((4 + 0.5 * 3) / 7)
 
 
 def test_pooled_average_precision_from_histograms() -> None:

@@ -23,6 +23,7 @@ from scripts.bench.evaluation.scores import (
     bernoulli_log_likelihood,
     mass_share,
     probability_histogram,
+    voxel_auroc,
     voxel_average_precision,
 )
 from scripts.bench.synthetic.config import PARENCHYMA_LABELS, TISSUE_LABELS
@@ -83,6 +84,7 @@ def score_map(
     inside = prob[domain]
     out: dict[str, Any] = {
         "ap_truth": voxel_average_precision(prob, label, domain),
+        "auroc_truth": voxel_auroc(prob, label, domain),
         "histogram_truth": probability_histogram(prob, label, domain),
         "ll_truth_sum": float(bernoulli_log_likelihood(inside, label[domain]).sum()),
         "voxels": int(domain.sum()),
@@ -91,6 +93,7 @@ def score_map(
     }
     if outcomes is not None:
         out["ap_outcomes"] = voxel_average_precision(prob, outcomes, domain)
+        out["auroc_outcomes"] = voxel_auroc(prob, outcomes, domain)
         out["histogram_outcomes"] = probability_histogram(prob, outcomes, domain)
         out["ll_outcomes_sum"] = float(bernoulli_log_likelihood(inside, outcomes[domain]).sum())
     if tissue is not None:

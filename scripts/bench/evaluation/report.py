@@ -200,6 +200,8 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
         fit_rows.append(
             [
                 labels.get(name, name),
+                fmt(m.get("auroc_truth_mean"), 3),
+                fmt(m.get("auroc_outcomes_mean"), 3),
                 fmt(m.get("ll_truth_per_voxel"), 5),
                 fmt(m.get("ll_outcomes_per_voxel"), 5),
                 fmt(m.get("mass_outside_domain_mean"), percent=True),
@@ -250,12 +252,15 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
             rows,
         ),
         "",
-        "Fit and mass: LL, mean log-likelihood per domain voxel (probabilities clipped at 1e-6); mass, share of the "
-        "map's total probability (means over cases).",
+        "Ranking, fit and mass: AUROC, within-case voxel AUROC on the domain (mean over cases); LL, mean "
+        "log-likelihood per domain voxel (probabilities clipped at 1e-6); mass, share of the map's total probability "
+        "(means over cases).",
         "",
         _table(
             [
                 "map",
+                "AUROC vs truth, within case",
+                "AUROC vs outcome draws, within case",
                 "LL vs truth",
                 "LL vs outcome draws",
                 "mass outside domain",
@@ -293,6 +298,211 @@ def _spatial_section(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+TARGETS = {
+    "mass_outside_parenchyma": 0.02,
+    "white_matter_points": 0.10,
+    "ap_ratio_outcomes": 0.7,
+    "auroc": 0.80,
+    "median_volume_relative": 0.30,
+    "single_voxel_points": 0.10,
+    "mae_ratio_to_reference": 1.1,
+    "auc_below_reference": 0.02,
+    "arm_mean_relative": 0.10,
+    "rate_ratio_difference": 0.05,
+    "coverage": (0.85, 0.95),
+}
+"""The model's targets on the bench (fixed before any test-cohort run; see ``bundle/docs/evaluation.md``)."""
+
+
+def _met(value: bool | None) -> str:
+    return "–" if value is None else ("**met**" if value else "not met")
+
+
+def _worst(values: Mapping[str, float | None]) -> tuple[str | None, float | None]:
+    kept = {k: v for k, v in values.items() if v is not None}
+    if not kept:
+        return None, None
+    arm = max(kept, key=lambda k: abs(kept[k]))
+    return arm, kept[arm]
+
+
+def _targets_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Each target of the model on this bench with the measured figure and whether it is met."""
+    o = metrics["overall"]
+    if not o.get("n_cases"):
+        return []
+    t = TARGETS
+    rows: list[list[str]] = []
+    spatial = metrics.get("spatial") or {}
+    model = (spatial.get("methods") or {}).get("diffusion") or {}
+    oracle = (spatial.get("methods") or {}).get("location_oracle") or {}
+    if model:
+        outside = model.get("mass_outside_domain_mean")
+        rows.append(
+            [
+                "share of the probability mass outside the parenchyma",
+                fmt(outside, percent=True),
+                f"<= {fmt(t['mass_outside_parenchyma'], percent=True)}",
+                _met(None if outside is None else outside <= t["mass_outside_parenchyma"]),
+            ]
+        )
+        wm = (model.get("mass_by_tissue") or {}).get("white_matter")
+        wm_oracle = (oracle.get("mass_by_tissue") or {}).get("white_matter")
+        gap = None if wm is None or wm_oracle is None else wm - wm_oracle
+        rows.append(
+            [
+                "white-matter share of the mass, against the location oracle's",
+                f"{fmt(wm, percent=True)} vs {fmt(wm_oracle, percent=True)}",
+                f"within {fmt(t['white_matter_points'] * 100, 0)} points",
+                _met(None if gap is None else abs(gap) <= t["white_matter_points"]),
+            ]
+        )
+        ratio = (model.get("ap_ratio_to_oracle") or {}).get("ap_outcomes_mean")
+        rows.append(
+            [
+                "voxel AP against the outcome draws, within case, ratio to the location oracle's",
+                fmt(ratio),
+                f">= {fmt(t['ap_ratio_outcomes'], 1)}",
+                _met(None if ratio is None else ratio >= t["ap_ratio_outcomes"]),
+            ]
+        )
+        auroc = model.get("auroc_truth_mean")
+        rows.append(
+            [
+                "within-case voxel AUROC (against the realised mask)",
+                fmt(auroc),
+                f">= {fmt(t['auroc'])} (location oracle {fmt(oracle.get('auroc_truth_mean'))})",
+                _met(None if auroc is None else auroc >= t["auroc"]),
+            ]
+        )
+        sizes = spatial.get("lesion_sizes") or {}
+        sampled, true = sizes.get("sampled") or {}, sizes.get("true") or {}
+        median_s, median_t = sampled.get("median_voxels"), true.get("median_voxels")
+        single_s, single_t = sampled.get("single_voxel_share"), true.get("single_voxel_share")
+        ok = None
+        if None not in (median_s, median_t, single_s, single_t) and median_t:
+            ok = (
+                abs(median_s / median_t - 1) <= t["median_volume_relative"]
+                and abs(single_s - single_t) <= t["single_voxel_points"]
+            )
+        rows.append(
+            [
+                "sampled lesions: median volume; share of single-voxel lesions (true lesions)",
+                f"{fmt(median_s, 1)} voxels, {fmt(single_s, percent=True)} "
+                f"({fmt(median_t, 1)} voxels, {fmt(single_t, percent=True)})",
+                f"within {fmt(t['median_volume_relative'], percent=True)} and "
+                f"{fmt(t['single_voxel_points'] * 100, 0)} points",
+                _met(ok),
+            ]
+        )
+    counts = o.get("lesion_counts") or {}
+    if counts:
+        rows.append(
+            [
+                "forecast mask (voxels at least half of the samples hold): what it holds",
+                f"{counts.get('forecast_lesions', 0)} lesions over {o['n_cases']} cases, "
+                f"{counts.get('tp', 0)} of {counts.get('true_lesions', 0)} true lesions hit",
+                "the lesions most samples agree on",
+                "–",
+            ]
+        )
+    baselines = metrics.get("baselines") or {}
+    reference = (baselines.get("reference") or {}).get("overall") or {}
+    if reference.get("count_mae"):
+        ratio = o["count_mae"] / reference["count_mae"] if o.get("count_mae") is not None else None
+        rows.append(
+            [
+                "factual count MAE, ratio to the observable reference's",
+                f"{fmt(ratio)} ({fmt(o.get('count_mae'))} vs {fmt(reference['count_mae'])})",
+                f"<= {fmt(t['mae_ratio_to_reference'], 1)}",
+                _met(None if ratio is None else ratio <= t["mae_ratio_to_reference"]),
+            ]
+        )
+    if reference.get("auc") is not None and o.get("auc") is not None:
+        rows.append(
+            [
+                "activity AUC, against the observable reference's",
+                f"{fmt(o['auc'])} vs {fmt(reference['auc'])}",
+                f">= reference - {fmt(t['auc_below_reference'])}",
+                _met(o["auc"] >= reference["auc"] - t["auc_below_reference"]),
+            ]
+        )
+    regression = (metrics.get("comparisons") or {}).get("regression") or {}
+    mae_ci, auc_ci = regression.get("mae_difference_ci95"), regression.get("auc_difference_ci95")
+    if mae_ci and auc_ci:
+        not_worse = mae_ci[0] <= 0 and auc_ci[1] >= 0
+        better = mae_ci[1] < 0 or auc_ci[0] > 0
+        rows.append(
+            [
+                "against the negative-binomial regression (paired 95% intervals of model minus regression)",
+                f"MAE {fmt(regression.get('mae_difference'))} ({_interval(mae_ci)}), "
+                f"AUC {fmt(regression.get('auc_difference'))} ({_interval(auc_ci)})",
+                "not worse on count MAE and AUC, better on one",
+                _met(not_worse and better),
+            ]
+        )
+    cf = metrics.get("counterfactual") or {}
+    per_arm = cf.get("per_arm") or {}
+    if per_arm:
+        relative = {
+            arm: (a["mean_predicted_count"] / a["mean_true_expected_count"] - 1)
+            if a.get("mean_predicted_count") is not None and a.get("mean_true_expected_count")
+            else None
+            for arm, a in per_arm.items()
+        }
+        arm, worst = _worst(relative)
+        rows.append(
+            [
+                "cohort mean forecast count per arm, against the true mean",
+                f"worst {arm}: {'+' if (worst or 0) > 0 else ''}{fmt(worst, percent=True)}",
+                f"every arm within {fmt(t['arm_mean_relative'], percent=True)}",
+                _met(
+                    None
+                    if worst is None
+                    else all(abs(v) <= t["arm_mean_relative"] for v in relative.values() if v is not None)
+                ),
+            ]
+        )
+        gaps = {
+            arm: a["cohort_rate_ratio_predicted"] - a["cohort_rate_ratio_true"]
+            for arm, a in per_arm.items()
+            if arm != "placebo"
+            and a.get("cohort_rate_ratio_predicted") is not None
+            and a.get("cohort_rate_ratio_true") is not None
+        }
+        arm, worst = _worst(gaps)
+        if arm is not None:
+            a = per_arm[arm]
+            rows.append(
+                [
+                    "cohort rate ratio against placebo, per arm",
+                    f"worst {arm}: {fmt(a['cohort_rate_ratio_predicted'])} vs {fmt(a['cohort_rate_ratio_true'])}",
+                    f"every arm within {fmt(t['rate_ratio_difference'])}",
+                    _met(all(abs(v) <= t["rate_ratio_difference"] for v in gaps.values())),
+                ]
+            )
+    coverage = o.get("interval_coverage_90")
+    low, high = t["coverage"]
+    rows.append(
+        [
+            "90% count interval coverage",
+            fmt(coverage, percent=True),
+            f"{fmt(low, percent=True)}-{fmt(high, percent=True)}",
+            _met(None if coverage is None else low <= coverage <= high),
+        ]
+    )
+    return [
+        "## Against the model's targets",
+        "",
+        "The targets the model is judged by on this bench, set before the test cohort was forecast (speed and memory "
+        "are in `bundle/docs/performance.md`). Location figures are on the factual arm, within case, means over "
+        "cases; per-arm figures over the counterfactual truth of every case.",
+        "",
+        _table(["figure", "measured", "target", ""], rows),
+        "",
+    ]
+
+
 def render_report(metrics: Mapping[str, Any]) -> str:
     """``report.md``: the evaluation for a clinician-researcher, tables with units, plots, conventions."""
     s = metrics["settings"]
@@ -313,6 +523,7 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     key = _key_results(metrics)
     if key:
         lines += ["## Key results (diffusion model)", "", *key]
+    lines += _targets_section(metrics)
     if s.get("failed_cases"):
         lines += ["**Failed cases (not evaluated):**", "", *[f"- {f}" for f in s["failed_cases"]], ""]
     lines += [

@@ -396,6 +396,20 @@ def voxel_average_precision(prob: np.ndarray, target: np.ndarray, where: np.ndar
     return float(average_precision_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
 
 
+def voxel_auroc(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
+    """Area under the ROC curve of a voxel probability map against a target in [0, 1] on the voxels ``where``:
+    the probability that a lesion voxel scores above a background voxel (ties count half). A fractional target
+    weighs each voxel as a positive by ``target`` and as a negative by ``1 - target``, as
+    :func:`voxel_average_precision` does. None without both a positive and a negative."""
+    p, t = _voxels(prob, target, where)
+    if t.sum() <= 0 or (1.0 - t).sum() <= 0:
+        return None
+    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
+    weights = np.concatenate([t, 1.0 - t])
+    keep = weights > 0
+    return float(roc_auc_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
+
+
 def bernoulli_log_likelihood(prob: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per voxel ``t log p + (1 - t) log(1 - p)`` of a target in [0, 1] (for a fractional target the expected
     log-likelihood of an outcome draw), probabilities clipped by :data:`PROBABILITY_CLIP`."""

@@ -300,6 +300,7 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "ap_truth_pooled": histogram_average_precision(
                 c["histogram_truth"] for c in cells if "histogram_truth" in c
             ),
+            "auroc_truth_mean": mean_or_none(c.get("auroc_truth") for c in cells),
             "ll_truth_per_voxel": ll_truth,
             "mass_outside_domain_mean": mean_or_none(c["mass_outside_domain"] for c in cells),
         }
@@ -308,6 +309,7 @@ def summarize_location(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             n = sum(c["voxels"] for c in with_outcomes)
             entry["n_cases_outcomes"] = len(with_outcomes)
             entry["ap_outcomes_mean"] = mean_or_none(c["ap_outcomes"] for c in with_outcomes)
+            entry["auroc_outcomes_mean"] = mean_or_none(c.get("auroc_outcomes") for c in with_outcomes)
             entry["ap_outcomes_pooled"] = histogram_average_precision(
                 c["histogram_outcomes"] for c in with_outcomes if "histogram_outcomes" in c
             )
