@@ -88,8 +88,15 @@ class TimedInferer:
         return getattr(self.inferer, name)
 
     def __call__(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._timed(self.inferer, inputs, *args, **kwargs)
+
+    def draw(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`ForecastInferer.draw`, timed (what ``ForecastRunner`` calls)."""
+        return self._timed(self.inferer.draw, inputs, *args, **kwargs)
+
+    def _timed(self, fn: Any, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        out = self.inferer(inputs, *args, **kwargs)
+        out = fn(inputs, *args, **kwargs)
         sync(inputs.device)
         self.seconds += time.perf_counter() - start
         return out

@@ -131,7 +131,8 @@ class ForecastRunner:
             ``reference_affine``, ``reference_shape``, its ``errors`` the invalid entries (reported as failed cases).
         output_dir: output folder ``O``; each case goes to ``O/<id>``.
         network: the trained diffusion network (weights loaded).
-        inferer: a :class:`scripts.runtime.inferer.ForecastInferer`.
+        inferer: a :class:`scripts.runtime.inferer.ForecastInferer` (any inferer of samples works; without a
+            ``draw`` method its conditional mean is taken as the samples' mean).
         arms: arm names to forecast (default: all six); a string of names separated by commas is accepted.
         num_samples: overrides the inferer's K when given.
         max_num_samples: the largest K accepted (all samples of a case are held in memory at once).
@@ -357,9 +358,14 @@ class ForecastRunner:
         reference_shape = [int(s) for s in np.asarray(data["reference_shape"]).reshape(-1)]
 
         horizon_t = torch.tensor([horizon], device=self.device)
-        draws = self.inferer.draw(cond[None].to(self.device), self.network, horizon=horizon_t, arms=self.arms)
-        samples = draws.samples[0].cpu().numpy() > 0.5  # (A, K, *S)
-        mean = draws.mean[0].cpu().numpy().astype(np.float32)  # (A, *S)
+        inputs = cond[None].to(self.device)
+        if hasattr(self.inferer, "draw"):
+            draws = self.inferer.draw(inputs, self.network, horizon=horizon_t, arms=self.arms)
+            samples = draws.samples[0].cpu().numpy() > 0.5  # (A, K, *S)
+            mean = draws.mean[0].cpu().numpy().astype(np.float32)  # (A, *S)
+        else:  # an inferer of samples only: its conditional mean is the samples' mean
+            samples = self.inferer(inputs, self.network, horizon=horizon_t, arms=self.arms)[0].cpu().numpy() > 0.5
+            mean = samples.mean(1).astype(np.float32)
 
         restriction: dict[str, Any] = {"brain_margin_voxels": self.brain_margin, "applied": False}
         allowed = None
