@@ -594,6 +594,13 @@ PROBABILITY_MAPS = ("samples", "conditional_mean")
 """Where a forecast's voxel probability map comes from (:class:`ForecastMapsd`)."""
 
 
+def check_probability_map(probability_map: str) -> str:
+    """``probability_map`` if it is one of :data:`PROBABILITY_MAPS`, else a ``ValueError`` naming them."""
+    if probability_map not in PROBABILITY_MAPS:
+        raise ValueError(f"probability_map must be one of {list(PROBABILITY_MAPS)}, got {probability_map!r}")
+    return probability_map
+
+
 class ForecastMapsd(MapTransform):
     """Post-processing: one arm's voxel probability map and the samples' agreement map, on the working grid.
 
@@ -614,9 +621,7 @@ class ForecastMapsd(MapTransform):
         agreement_key: str = "agreement",
     ) -> None:
         super().__init__(keys)
-        if probability not in PROBABILITY_MAPS:
-            raise ValueError(f"probability_map must be one of {list(PROBABILITY_MAPS)}, got {probability!r}")
-        self.probability, self.mean_key = probability, mean_key
+        self.probability, self.mean_key = check_probability_map(probability), mean_key
         self.prob_key, self.agreement_key = prob_key, agreement_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

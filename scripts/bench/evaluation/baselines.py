@@ -23,7 +23,7 @@ from scripts.runtime.analysis import summarize_arm
 from scripts.runtime.constants import arm_index
 from scripts.runtime.grids import on_grid
 from scripts.runtime.lesions import count_lesions, load_mask
-from scripts.runtime.transforms import PROBABILITY_MAPS
+from scripts.runtime.transforms import check_probability_map
 from scripts.runtime.weights import load_weights
 
 
@@ -171,10 +171,8 @@ class UnawareBaseline:
         device: str | torch.device = "cpu",
         probability_map: str = "samples",
     ) -> None:
-        if probability_map not in PROBABILITY_MAPS:
-            raise ValueError(f"probability_map must be one of {list(PROBABILITY_MAPS)}, got {probability_map!r}")
         self.network, self.inferer, self.device = network, inferer, torch.device(device)
-        self.probability_map = probability_map
+        self.probability_map = check_probability_map(probability_map)
 
     @torch.no_grad()
     def predict(

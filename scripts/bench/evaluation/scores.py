@@ -379,6 +379,15 @@ def _voxels(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None) -> t
     return prob.ravel(), target.ravel()
 
 
+def _weighted_pairs(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each voxel as a positive of weight ``t`` and a negative of weight ``1 - t`` (zero weights dropped): labels,
+    scores and scikit-learn ``sample_weight`` for a target in [0, 1]."""
+    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
+    weights = np.concatenate([t, 1.0 - t])
+    keep = weights > 0
+    return labels[keep], np.concatenate([p, p])[keep], weights[keep]
+
+
 def voxel_average_precision(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
     """Average precision of a voxel probability map against a target in [0, 1] on the voxels ``where``.
 
@@ -390,10 +399,8 @@ def voxel_average_precision(prob: np.ndarray, target: np.ndarray, where: np.ndar
     p, t = _voxels(prob, target, where)
     if t.sum() <= 0:
         return None
-    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
-    weights = np.concatenate([t, 1.0 - t])
-    keep = weights > 0
-    return float(average_precision_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
+    labels, scores, weights = _weighted_pairs(p, t)
+    return float(average_precision_score(labels, scores, sample_weight=weights))
 
 
 def voxel_auroc(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None = None) -> float | None:
@@ -404,10 +411,8 @@ def voxel_auroc(prob: np.ndarray, target: np.ndarray, where: np.ndarray | None =
     p, t = _voxels(prob, target, where)
     if t.sum() <= 0 or (1.0 - t).sum() <= 0:
         return None
-    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
-    weights = np.concatenate([t, 1.0 - t])
-    keep = weights > 0
-    return float(roc_auc_score(labels[keep], np.concatenate([p, p])[keep], sample_weight=weights[keep]))
+    labels, scores, weights = _weighted_pairs(p, t)
+    return float(roc_auc_score(labels, scores, sample_weight=weights))
 
 
 def bernoulli_log_likelihood(prob: np.ndarray, target: np.ndarray) -> np.ndarray:
